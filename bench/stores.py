@@ -1,0 +1,78 @@
+"""The two online stores under test: their feature_store.yaml block and how to measure storage."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from workload import FEATURE_VIEW, PROJECT
+
+ICEBERG_CATALOG = "feast_catalog"
+ICEBERG_NAMESPACE = "feast_online"
+ICEBERG_TABLE = f"{ICEBERG_NAMESPACE}.{PROJECT}_{FEATURE_VIEW}_online"
+SQLITE_TABLE = f"{PROJECT}_{FEATURE_VIEW}"
+
+LABELS = {"sqlite": "Feast sqlite store", "iceberg": "feast-iceberg"}
+
+
+def online_store_yaml(store: str, data_dir: Path) -> str:
+    if store == "sqlite":
+        return f"  type: sqlite\n  path: {data_dir / 'online.db'}\n"
+    if store == "iceberg":
+        return (
+            "  type: feast_iceberg.IcebergOnlineStore\n"
+            "  catalog_type: sql\n"
+            f"  catalog_name: {ICEBERG_CATALOG}\n"
+            f"  uri: sqlite:///{data_dir / 'iceberg_catalog.db'}\n"
+            f"  warehouse: {data_dir / 'iceberg_warehouse'}\n"
+            f"  namespace: {ICEBERG_NAMESPACE}\n"
+        )
+    raise ValueError(f"unknown store {store!r}")
+
+
+def feature_store_yaml(store: str, data_dir: Path) -> str:
+    return (
+        f"project: {PROJECT}\n"
+        f"registry: {data_dir / 'registry.db'}\n"
+        "provider: local\n"
+        "online_store:\n"
+        f"{online_store_yaml(store, data_dir)}"
+        "offline_store:\n"
+        "  type: file\n"
+        "entity_key_serialization_version: 3\n"
+    )
+
+
+def _tree_bytes(path: Path) -> tuple[int, int]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def storage(store: str, data_dir: Path) -> dict[str, object]:
+    """Live rows and bytes on disk of the feature view's online table."""
+    if store == "sqlite":
+        db = data_dir / "online.db"
+        with sqlite3.connect(db) as conn:
+            keys, table_rows = conn.execute(
+                f'SELECT COUNT(DISTINCT entity_key), COUNT(*) FROM "{SQLITE_TABLE}"'
+            ).fetchone()
+        size = sum(p.stat().st_size for p in data_dir.glob("online.db*"))
+        # One SQLite row per (entity, feature); `rows` counts entities like the Iceberg tables.
+        return {"rows": keys, "table_rows": table_rows, "bytes": size, "files": 1}
+    size, files = _tree_bytes(data_dir / "iceberg_warehouse")
+    result: dict[str, object] = {"bytes": size, "files": files, "rows": None}
+    try:
+        from pyiceberg.catalog import load_catalog
+    except ImportError:
+        result["rows_note"] = "pyiceberg not installed"
+        return result
+    catalog = load_catalog(
+        ICEBERG_CATALOG,
+        type="sql",
+        uri=f"sqlite:///{data_dir / 'iceberg_catalog.db'}",
+        warehouse=f"file://{data_dir / 'iceberg_warehouse'}",
+    )
+    table = catalog.load_table(ICEBERG_TABLE)
+    result["rows"] = table.scan(selected_fields=("entity_key",)).to_arrow().num_rows
+    result["snapshots"] = len(table.snapshots())
+    return result

@@ -1,0 +1,227 @@
+"""One store's measurements, in a process of its own (bench/run.py starts one per store).
+
+A process per store keeps the RSS numbers apart and lets a crash in one store leave the other's
+results intact. Results are flushed to the JSON file after every section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import resource
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import stores
+import workload
+from feast import FeatureStore
+from feast.type_map import feast_value_type_to_python_type
+
+
+class Results:
+    """The worker's JSON output, rewritten after every section."""
+
+    def __init__(self, path: Path, store: str) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"store": store, "errors": {}, "tracebacks": {}}
+        self.flush()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.flush()
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            self.data["errors"][name] = f"{type(exc).__name__}: {exc}"
+            self.data["tracebacks"][name] = traceback.format_exc()
+            traceback.print_exc()
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+class Repo:
+    """A fresh Feast repo in `path` with the benchmark's feature view applied."""
+
+    def __init__(self, store: str, path: Path) -> None:
+        self.data_dir = path / "data"
+        self.data_dir.mkdir(parents=True)
+        self.source = self.data_dir / "source.parquet"
+        (path / "feature_store.yaml").write_text(stores.feature_store_yaml(store, self.data_dir))
+        self.fs = FeatureStore(repo_path=str(path))
+        self.fs.apply(list(workload.feast_objects(self.source)))
+        self.view = self.fs.get_feature_view(workload.FEATURE_VIEW)
+        self.online = self.fs._get_provider().online_store
+        self.config = self.fs.config
+
+
+def latency(call: Callable[[Any], Any], inputs: Sequence[Any], warmup: int) -> dict[str, float]:
+    """p50/p99/mean in ms of `call(x)` for each input after `warmup` untimed calls."""
+    for x in inputs[:warmup]:
+        call(x)
+    gc.collect()
+    samples = []
+    for x in inputs[warmup:]:
+        start = time.perf_counter_ns()
+        call(x)
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    p50, p99 = np.percentile(samples, [50, 99])
+    return {"p50_ms": p50, "p99_ms": p99, "mean_ms": float(np.mean(samples)), "n": len(samples)}
+
+
+def random_ids(rng: np.random.Generator, n_entities: int, calls: int, size: int) -> list[list[int]]:
+    ids = workload.entity_ids(n_entities)
+    return [[int(i) for i in rng.choice(ids, size, replace=False)] for _ in range(calls)]
+
+
+def keys_for(batches: list[list[int]]) -> list[list[Any]]:
+    return [[workload.entity_key(i) for i in ids] for ids in batches]
+
+
+def check_online_read(repo: Repo, df: Any, ids: list[int]) -> dict[str, int]:
+    keys = [workload.entity_key(i) for i in ids]
+    result = repo.online.online_read(repo.config, repo.view, keys, workload.FEATURE_NAMES)
+    wrong = 0
+    for entity_id, (_, values) in zip(ids, result, strict=False):
+        got = {k: feast_value_type_to_python_type(v) for k, v in (values or {}).items()}
+        wrong += not workload.matches(workload.expected_values(df, entity_id), got)
+    return {"checked": len(ids), "wrong_or_missing": wrong + abs(len(result) - len(ids))}
+
+
+def read_latencies(repo: Repo, spec: dict[str, Any], seed: int) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    warmup, n = spec["warmup"], spec["entities"]
+    # Keys are built before timing: this measures the store, not EntityKey construction.
+    singles = keys_for(random_ids(rng, n, warmup + spec["iters_1"], 1))
+    batches = keys_for(random_ids(rng, n, warmup + spec["iters_100"], 100))
+
+    def online_read(keys: list[Any]) -> Any:
+        return repo.online.online_read(repo.config, repo.view, keys, workload.FEATURE_NAMES)
+
+    return {
+        "online_read_1": latency(online_read, singles, warmup),
+        "online_read_100": latency(online_read, batches, warmup),
+    }
+
+
+def bench_writes(results: Results, store: str, root: Path, spec: dict[str, Any]) -> Repo:
+    repo = Repo(store, root / "write")
+    base = datetime.fromisoformat(spec["base"])
+    writes = {}
+    # Round 0 into the empty table, then round 1 (same keys, newer values) over it.
+    for label, round_ in (("insert", 0), ("upsert", 1)):
+        rows = workload.write_rows(workload.frame(spec["entities"], round_, base))
+        gc.collect()
+        start = time.perf_counter()
+        repo.online.online_write_batch(repo.config, repo.view, rows, None)
+        seconds = time.perf_counter() - start
+        writes[label] = {"rows": len(rows), "seconds": seconds, "rows_per_s": len(rows) / seconds}
+        results["online_write_batch"] = writes
+        del rows
+    return repo
+
+
+def bench_reads(results: Results, repo: Repo, spec: dict[str, Any]) -> None:
+    reads = read_latencies(repo, spec, seed=7)
+    results["read"] = reads
+
+    rng = np.random.default_rng(8)
+    batches = random_ids(rng, spec["entities"], spec["warmup"] + spec["iters_gof"], 100)
+    refs = [f"{workload.FEATURE_VIEW}:{name}" for name in workload.FEATURE_NAMES]
+
+    def get_online_features(ids: list[int]) -> Any:
+        rows = [{workload.JOIN_KEY: i} for i in ids]
+        return repo.fs.get_online_features(features=refs, entity_rows=rows).to_dict()
+
+    reads["get_online_features_100"] = latency(get_online_features, batches, spec["warmup"])
+    latest = workload.frame(spec["entities"], 1, datetime.fromisoformat(spec["base"]))
+    reads["check"] = check_online_read(repo, latest, batches[0])
+    response = get_online_features(batches[0])
+    wrong = sum(
+        not workload.matches(
+            workload.expected_values(latest, entity_id),
+            {name: response[name][i] for name in workload.FEATURE_NAMES},
+        )
+        for i, entity_id in enumerate(batches[0])
+    )
+    reads["check_get_online_features"] = {"checked": len(batches[0]), "wrong_or_missing": wrong}
+    results["read"] = reads
+
+
+def bench_materialize(results: Results, store: str, root: Path, spec: dict[str, Any]) -> None:
+    repo = Repo(store, root / "materialize")
+    base = datetime.fromisoformat(spec["base"])
+    out: dict[str, Any] = {"runs": []}
+    results["materialize"] = out
+    last = spec["rounds"] - 1
+    first_ids = [int(i) for i in workload.entity_ids(min(100, spec["entities"]))]
+    for round_ in range(spec["rounds"]):
+        df = workload.frame(spec["entities"], round_, base)
+        df.to_parquet(repo.source, index=False)
+        start, end = workload.window(round_, base)
+        gc.collect()
+        t0 = time.perf_counter()
+        repo.fs.materialize(start, end, feature_views=[workload.FEATURE_VIEW])
+        seconds = time.perf_counter() - t0
+        out["runs"].append({"rows": len(df), "seconds": seconds, "rows_per_s": len(df) / seconds})
+        if round_ in (0, last):
+            label = "after_1" if round_ == 0 else "after_n"
+            out[label] = {
+                "materializations": round_ + 1,
+                "storage": stores.storage(store, repo.data_dir),
+                **read_latencies(repo, spec, seed=9 + round_),
+                "check": check_online_read(repo, df, first_ids),
+            }
+        results["materialize"] = out
+
+
+def rss() -> dict[str, float | None]:
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    current = None
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        current = psutil.Process(os.getpid()).memory_info().rss / 2**20
+    return {"peak_mb": peak_kb / 1024, "current_mb": current}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--store", required=True, choices=sorted(stores.LABELS))
+    parser.add_argument("--spec", required=True, help="JSON: entities, rounds, iterations, base")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--workdir", required=True, type=Path)
+    args = parser.parse_args()
+    spec = json.loads(args.spec)
+    results = Results(args.out, args.store)
+
+    repo = None
+    with results.section("online_write_batch"):
+        repo = bench_writes(results, args.store, args.workdir, spec)
+    with results.section("read"):
+        if repo is None:
+            raise RuntimeError("skipped: the write repo could not be set up")
+        bench_reads(results, repo, spec)
+    with results.section("materialize"):
+        bench_materialize(results, args.store, args.workdir, spec)
+    results["rss"] = rss()
+    results["finished"] = True
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Type stubs for the Rust extension `feast_iceberg._internal`.
+
+Every method that touches a catalog or storage releases the GIL while it works.
+"""
+
+from typing import Any, Final
+
+__version__: Final[str]
+
+class FeastIcebergError(Exception):
+    """Base class of every error raised by feast-iceberg."""
+
+class ConfigError(FeastIcebergError, ValueError):
+    """The store configuration is invalid (unknown catalog type, bad URI, bad option)."""
+
+class SchemaMismatchError(FeastIcebergError, ValueError):
+    """A batch or request does not fit the table schema (unknown or missing feature, type change)."""
+
+class InvalidInputError(FeastIcebergError, ValueError):
+    """A value is malformed or has the wrong type for its column."""
+
+class TableNotFoundError(FeastIcebergError, KeyError):
+    """The feature view's table does not exist in the catalog (run `feast apply`)."""
+
+class CommitConflictError(FeastIcebergError):
+    """Concurrent writers kept winning; the batch was not committed after all retries."""
+
+class CatalogError(FeastIcebergError):
+    """The catalog could not be reached or answered with an error."""
+
+class StorageError(FeastIcebergError):
+    """A data, manifest or metadata file could not be read or written."""
+
+class CorruptTableError(FeastIcebergError):
+    """Table metadata or a file it references is unreadable or inconsistent."""
+
+class ReadTimeoutError(FeastIcebergError, TimeoutError):
+    """An online read did not finish within `read_timeout_ms`."""
+
+def serialize_entity_keys(entity_keys: list[bytes], version: int) -> list[bytes]:
+    """Feast's `serialize_entity_key` for serialized `EntityKey` protos, computed in Rust."""
+
+class Store:
+    """One catalog + warehouse; safe to share between threads, rebuilt after fork by the shim."""
+
+    def __init__(self, config_json: str) -> None:
+        """Parse and validate the config (JSON of `StoreConfig`); opens nothing yet."""
+
+    def ensure_table(
+        self,
+        table: str,
+        join_keys: list[tuple[str, int]],
+        features: list[tuple[str, int]],
+    ) -> None:
+        """Create the table, or add columns for new features. Types are Feast `ValueType` ints."""
+
+    def drop_table(self, table: str) -> bool:
+        """Drop the table and delete its files; False if it did not exist."""
+
+    def table_exists(self, table: str) -> bool: ...
+    def write(
+        self,
+        table: str,
+        feature_names: list[str],
+        entity_keys: list[bytes],
+        values: list[bytes],
+        event_ts_micros: list[int],
+        created_ts_micros: list[int | None],
+    ) -> dict[str, Any]:
+        """Upsert rows in one atomic snapshot.
+
+        `entity_keys[i]` is a serialized `EntityKey` proto; `values` is row-major: the serialized
+        `Value` protos of row i are `values[i*len(feature_names):(i+1)*len(feature_names)]`.
+        Returns a report: rows_written, rows_ignored_older, buckets, files_added, files_removed,
+        attempts, snapshot_id.
+        """
+
+    def read(
+        self,
+        table: str,
+        entity_keys: list[bytes],
+        features: list[str] | None,
+    ) -> tuple[list[str], list[int | None], list[list[bytes] | None]]:
+        """Point lookups aligned with `entity_keys`.
+
+        Returns (feature names, event_ts micros or None, serialized `Value` protos per feature or
+        None) for each requested key.
+        """
+
+    def stats(self, table: str) -> dict[str, Any]:
+        """Rows, files, bytes and snapshots of the current table state."""
+
+    def expire(self, table: str) -> dict[str, Any]:
+        """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits)."""

@@ -1,0 +1,213 @@
+"""`IcebergOnlineStore`: Feast's OnlineStore interface over the Rust core.
+
+This module only adapts Feast's Python types; every read, write and commit happens in Rust with
+the GIL released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from feast import Entity, FeatureView
+from feast.infra.online_stores.online_store import OnlineStore
+from feast.infra.supported_async_methods import SupportedAsyncMethods
+from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.repo_config import RepoConfig
+
+from . import _internal
+from .config import IcebergOnlineStoreConfig
+from .exceptions import ConfigError, SchemaMismatchError
+
+logger = logging.getLogger(__name__)
+
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MICROSECOND = timedelta(microseconds=1)
+
+ReadResult = list[tuple[datetime | None, dict[str, ValueProto] | None]]
+
+
+def table_name(config: RepoConfig, feature_view: FeatureView) -> str:
+    """The contrib store's naming, so users find their tables where they were."""
+    return f"{config.project}_{feature_view.name}_online"
+
+
+def _to_micros(ts: datetime) -> int:
+    # Feast hands naive datetimes meaning UTC; aware ones are converted.
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
+    return (ts - _EPOCH_NAIVE) // _MICROSECOND
+
+
+def _optional_micros(ts: datetime | None) -> int | None:
+    if ts is None or ts != ts:  # None or NaT
+        return None
+    return _to_micros(ts)
+
+
+def _from_micros(micros: int) -> datetime:
+    return _EPOCH_UTC + timedelta(microseconds=micros)
+
+
+class _StoreCache:
+    """One Rust `Store` per (process, config): connections never cross a fork."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stores: dict[tuple[int, str], _internal.Store] = {}
+
+    def get(self, config: RepoConfig) -> _internal.Store:
+        online = config.online_store
+        if not isinstance(online, IcebergOnlineStoreConfig):
+            raise ConfigError(
+                f"online_store config is {type(online).__name__}, expected IcebergOnlineStoreConfig"
+            )
+        store_json = online.to_store_json(
+            config.repo_path, config.entity_key_serialization_version
+        )
+        key = (os.getpid(), store_json)
+        store = self._stores.get(key)
+        if store is None:
+            with self._lock:
+                store = self._stores.get(key)
+                if store is None:
+                    if any(pid != key[0] for pid, _ in self._stores):
+                        self._stores.clear()
+                    store = _internal.Store(store_json)
+                    self._stores[key] = store
+        return store
+
+
+def _column_types(fields: Sequence[Any]) -> list[tuple[str, int]]:
+    return [(f.name, int(f.dtype.to_value_type().value)) for f in fields]
+
+
+class IcebergOnlineStore(OnlineStore):
+    """Feast online store on Apache Iceberg with true upserts and hashed point reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stores = _StoreCache()
+
+    def _store(self, config: RepoConfig) -> _internal.Store:
+        return self._stores.get(config)
+
+    # ---- writes ---------------------------------------------------------------------------
+    def online_write_batch(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
+        progress: Callable[[int], Any] | None,
+    ) -> None:
+        if not data:
+            return
+        names = [f.name for f in table.features]
+        width = len(names)
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        event_ts: list[int] = []
+        created_ts: list[int | None] = []
+        for entity_key, row, event, created in data:
+            keys.append(entity_key.SerializeToString())
+            if len(row) != width:
+                _raise_row_mismatch(table, names, row)
+            try:
+                values.extend([row[name].SerializeToString() for name in names])
+            except KeyError:
+                _raise_row_mismatch(table, names, row)
+            event_ts.append(_to_micros(event))
+            created_ts.append(_optional_micros(created))
+        report = self._store(config).write(
+            table_name(config, table), names, keys, values, event_ts, created_ts
+        )
+        logger.debug("feast-iceberg wrote %s: %s", table.name, report)
+        if progress:
+            progress(len(data))
+
+    # ---- reads ----------------------------------------------------------------------------
+    def online_read(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        entity_keys: list[EntityKeyProto],
+        requested_features: list[str] | None = None,
+    ) -> ReadResult:
+        keys = [k.SerializeToString() for k in entity_keys]
+        names, timestamps, rows = self._store(config).read(
+            table_name(config, table), keys, requested_features
+        )
+        parse = ValueProto.FromString
+        result: ReadResult = []
+        for ts, row in zip(timestamps, rows):
+            if ts is None or row is None:
+                result.append((None, None))
+            else:
+                result.append((_from_micros(ts), {n: parse(v) for n, v in zip(names, row)}))
+        return result
+
+    async def online_read_async(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        entity_keys: list[EntityKeyProto],
+        requested_features: list[str] | None = None,
+    ) -> ReadResult:
+        # The Rust read releases the GIL, so a worker thread keeps the event loop free.
+        return await asyncio.to_thread(
+            self.online_read, config, table, entity_keys, requested_features
+        )
+
+    @property
+    def async_supported(self) -> SupportedAsyncMethods:
+        return SupportedAsyncMethods(read=True)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def update(
+        self,
+        config: RepoConfig,
+        tables_to_delete: Sequence[FeatureView],
+        tables_to_keep: Sequence[FeatureView],
+        entities_to_delete: Sequence[Entity],
+        entities_to_keep: Sequence[Entity],
+        partial: bool,
+    ) -> None:
+        store = self._store(config)
+        for fv in tables_to_keep:
+            store.ensure_table(
+                table_name(config, fv),
+                _column_types(fv.entity_columns),
+                _column_types(fv.features),
+            )
+        for fv in tables_to_delete:
+            store.drop_table(table_name(config, fv))
+
+    def teardown(
+        self,
+        config: RepoConfig,
+        tables: Sequence[FeatureView],
+        entities: Sequence[Entity],
+    ) -> None:
+        store = self._store(config)
+        for fv in tables:
+            store.drop_table(table_name(config, fv))
+
+
+def _raise_row_mismatch(table: FeatureView, names: list[str], row: dict[str, ValueProto]) -> None:
+    missing = sorted(set(names) - set(row))
+    unknown = sorted(set(row) - set(names))
+    raise SchemaMismatchError(
+        f"feature view {table.name!r}: row does not match its features"
+        + (f"; missing {missing}" if missing else "")
+        + (f"; unknown {unknown}" if unknown else "")
+    )
+
+
+__all__ = ["IcebergOnlineStore", "IcebergOnlineStoreConfig", "table_name"]

@@ -1,0 +1,210 @@
+//! The Python module `feast_iceberg._internal`: the only code that knows about Python.
+//! Every call that may touch the catalog or storage runs with the GIL released.
+
+mod errors;
+
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use crate::config::StoreConfig;
+use crate::convert::{self, WriteInput};
+use crate::error::Result;
+use crate::runtime;
+use crate::schema::ColumnSpec;
+use crate::store::Store;
+
+/// Byte strings copied out of Python objects into one buffer, so the GIL can be released while
+/// Rust works on them.
+struct Blobs {
+    data: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Blobs {
+    fn from_py(items: &[Bound<'_, PyBytes>]) -> Self {
+        let total = items.iter().map(|b| b.as_bytes().len()).sum();
+        let mut data = Vec::with_capacity(total);
+        let mut ends = Vec::with_capacity(items.len());
+        for b in items {
+            data.extend_from_slice(b.as_bytes());
+            ends.push(data.len());
+        }
+        Self { data, ends }
+    }
+
+    fn slices(&self) -> Vec<&[u8]> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&end| {
+                let s = &self.data[start..end];
+                start = end;
+                s
+            })
+            .collect()
+    }
+}
+
+/// Runs `f` on the shared runtime with the GIL released.
+fn run<T: Send>(
+    py: Python<'_>,
+    f: impl std::future::Future<Output = Result<T>> + Send,
+) -> PyResult<T> {
+    py.detach(|| runtime::block_on(f).and_then(|r| r))
+        .map_err(errors::to_py)
+}
+
+fn specs(cols: Vec<(String, i32)>) -> Vec<ColumnSpec> {
+    cols.into_iter()
+        .map(|(name, value_type)| ColumnSpec { name, value_type })
+        .collect()
+}
+
+#[pyclass(name = "Store", module = "feast_iceberg._internal", frozen)]
+struct PyStore {
+    inner: Arc<Store>,
+    shown: String,
+}
+
+#[pymethods]
+impl PyStore {
+    #[new]
+    fn new(config_json: &str) -> PyResult<Self> {
+        let config = StoreConfig::from_json(config_json).map_err(errors::to_py)?;
+        let shown = format!("{config:?}");
+        let inner = Arc::new(Store::new(config).map_err(errors::to_py)?);
+        Ok(Self { inner, shown })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<feast_iceberg Store {}>", self.shown)
+    }
+
+    fn ensure_table(
+        &self,
+        py: Python<'_>,
+        table: String,
+        join_keys: Vec<(String, i32)>,
+        features: Vec<(String, i32)>,
+    ) -> PyResult<()> {
+        let (join_keys, features) = (specs(join_keys), specs(features));
+        run(py, self.inner.ensure_table(&table, &join_keys, &features))
+    }
+
+    fn drop_table(&self, py: Python<'_>, table: String) -> PyResult<bool> {
+        run(py, self.inner.drop_table(&table))
+    }
+
+    fn table_exists(&self, py: Python<'_>, table: String) -> PyResult<bool> {
+        run(py, self.inner.table_exists(&table))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        feature_names: Vec<String>,
+        entity_keys: Vec<Bound<'py, PyBytes>>,
+        values: Vec<Bound<'py, PyBytes>>,
+        event_ts_micros: Vec<i64>,
+        created_ts_micros: Vec<Option<i64>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let keys = Blobs::from_py(&entity_keys);
+        let vals = Blobs::from_py(&values);
+        drop((entity_keys, values));
+        let (key_slices, value_slices) = (keys.slices(), vals.slices());
+        let input = WriteInput {
+            feature_names: &feature_names,
+            entity_keys: &key_slices,
+            values: &value_slices,
+            event_ts: &event_ts_micros,
+            created_ts: &created_ts_micros,
+        };
+        let report = run(py, self.inner.write(&table, &input))?;
+        let d = PyDict::new(py);
+        d.set_item("rows_written", report.rows_written)?;
+        d.set_item("rows_ignored_older", report.rows_ignored_older)?;
+        d.set_item("buckets", report.buckets)?;
+        d.set_item("files_added", report.files_added)?;
+        d.set_item("files_removed", report.files_removed)?;
+        d.set_item("attempts", report.attempts)?;
+        d.set_item("snapshot_id", report.snapshot_id)?;
+        Ok(d)
+    }
+
+    #[pyo3(signature = (table, entity_keys, features=None))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        entity_keys: Vec<Bound<'py, PyBytes>>,
+        features: Option<Vec<String>>,
+    ) -> PyResult<(Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>)> {
+        let keys = Blobs::from_py(&entity_keys);
+        drop(entity_keys);
+        let slices = keys.slices();
+        let out = run(py, self.inner.read(&table, &slices, features.as_deref()))?;
+        let rows = PyList::empty(py);
+        for row in out.rows {
+            match row {
+                None => rows.append(py.None())?,
+                Some(cells) => {
+                    let cells: Vec<Bound<'py, PyBytes>> =
+                        cells.iter().map(|c| PyBytes::new(py, c)).collect();
+                    rows.append(PyList::new(py, cells)?)?;
+                }
+            }
+        }
+        Ok((out.names, out.event_ts, rows))
+    }
+
+    fn stats<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {
+        let s = run(py, self.inner.stats(&table))?;
+        let d = PyDict::new(py);
+        d.set_item("snapshot_id", s.snapshot_id)?;
+        d.set_item("snapshots", s.snapshots)?;
+        d.set_item("data_files", s.data_files)?;
+        d.set_item("delete_files", s.delete_files)?;
+        d.set_item("records", s.records)?;
+        d.set_item("data_bytes", s.data_bytes)?;
+        d.set_item("metadata_location", s.metadata_location)?;
+        d.set_item("metadata_log", s.metadata_log)?;
+        Ok(d)
+    }
+
+    fn expire<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {
+        let expired = run(py, self.inner.expire(&table))?;
+        let d = PyDict::new(py);
+        d.set_item("snapshots_expired", expired)?;
+        Ok(d)
+    }
+}
+
+/// Feast's `serialize_entity_key` for serialized `EntityKey` protos.
+#[pyfunction]
+fn serialize_entity_keys<'py>(
+    py: Python<'py>,
+    entity_keys: Vec<Bound<'py, PyBytes>>,
+    version: u32,
+) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+    if version < 3 {
+        return Err(errors::to_py(crate::Error::config(
+            "only entity_key_serialization_version >= 3 is supported",
+        )));
+    }
+    let slices: Vec<&[u8]> = entity_keys.iter().map(|b| b.as_bytes()).collect();
+    let keys = convert::serialize_entity_keys(&slices).map_err(errors::to_py)?;
+    Ok(keys.iter().map(|k| PyBytes::new(py, k)).collect())
+}
+
+#[pymodule]
+fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    errors::register(m)?;
+    m.add_class::<PyStore>()?;
+    m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The Iceberg JDBC catalog schema on SQLite or PostgreSQL, the one PyIceberg's SqlCatalog and
+//! Java's JdbcCatalog use, so they see our tables. A commit is one conditional UPDATE: zero rows
+//! affected means another writer committed first.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor, Row};
+
+use super::{Catalog, TableId};
+use crate::config::{StoreConfig, redact_uri};
+use crate::error::{Error, Result};
+
+const CREATE_TABLES: &str = "CREATE TABLE IF NOT EXISTS iceberg_tables (
+    catalog_name VARCHAR(255) NOT NULL,
+    table_namespace VARCHAR(255) NOT NULL,
+    table_name VARCHAR(255) NOT NULL,
+    metadata_location VARCHAR(1000),
+    previous_metadata_location VARCHAR(1000),
+    iceberg_type VARCHAR(5),
+    PRIMARY KEY (catalog_name, table_namespace, table_name))";
+
+const CREATE_NAMESPACES: &str = "CREATE TABLE IF NOT EXISTS iceberg_namespace_properties (
+    catalog_name VARCHAR(255) NOT NULL,
+    namespace VARCHAR(255) NOT NULL,
+    property_key VARCHAR(255) NOT NULL,
+    property_value VARCHAR(1000) NOT NULL,
+    PRIMARY KEY (catalog_name, namespace, property_key))";
+
+pub struct SqlCatalog {
+    pool: AnyPool,
+    name: String,
+    shown_uri: String,
+}
+
+impl std::fmt::Debug for SqlCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlCatalog")
+            .field("name", &self.name)
+            .field("uri", &self.shown_uri)
+            .finish_non_exhaustive()
+    }
+}
+
+/// sqlx URL for a catalog URI. Users write SQLAlchemy's forms (the contrib store handed the URI
+/// to PyIceberg): `sqlite:////abs/path.db`, `postgresql+psycopg2://...`.
+fn sqlx_url(uri: &str) -> Result<String> {
+    if let Some(path) = uri.strip_prefix("sqlite:///") {
+        let (path, _query) = path.split_once('?').unwrap_or((path, ""));
+        if path.is_empty() {
+            return Err(Error::config("sqlite catalog URI has no file path"));
+        }
+        // `sqlite:////abs` is absolute; `sqlite:///rel` relative to the working directory.
+        return Ok(format!("sqlite://{path}?mode=rwc"));
+    }
+    if uri == "sqlite://" || uri.starts_with("sqlite://:memory:") {
+        return Err(Error::config(
+            "an in-memory sqlite catalog would vanish with the process; give a file path",
+        ));
+    }
+    for prefix in ["postgresql", "postgres"] {
+        if let Some(rest) = uri.strip_prefix(prefix)
+            && let Some(pos) = rest.find("://")
+            && (pos == 0 || rest.starts_with('+'))
+        {
+            return Ok(format!("postgres://{}", &rest[pos + 3..]));
+        }
+    }
+    Err(Error::config(format!(
+        "unsupported SQL catalog URI {} (use sqlite:///path or postgresql://...)",
+        redact_uri(uri)
+    )))
+}
+
+impl SqlCatalog {
+    pub async fn connect(config: &StoreConfig) -> Result<Self> {
+        install_default_drivers();
+        let url = sqlx_url(&config.uri)?;
+        let shown_uri = redact_uri(&config.uri);
+        let is_sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 2 } else { 4 })
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if is_sqlite {
+                        // Concurrent writer processes wait for the lock instead of failing.
+                        conn.execute("PRAGMA busy_timeout = 30000").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(|e| Error::catalog(format!("cannot connect to catalog {shown_uri}: {e}")))?;
+        let catalog = Self {
+            pool,
+            name: config.catalog_name.clone(),
+            shown_uri,
+        };
+        catalog.init(is_sqlite).await?;
+        Ok(catalog)
+    }
+
+    async fn init(&self, is_sqlite: bool) -> Result<()> {
+        if is_sqlite {
+            // WAL lets readers (PyIceberg, our read path) proceed during a commit.
+            self.pool
+                .execute("PRAGMA journal_mode = WAL")
+                .await
+                .map_err(|e| self.err("enable WAL", &e))?;
+        }
+        for ddl in [CREATE_TABLES, CREATE_NAMESPACES] {
+            self.pool
+                .execute(ddl)
+                .await
+                .map_err(|e| self.err("create catalog tables", &e))?;
+        }
+        Ok(())
+    }
+
+    fn err(&self, what: &str, e: &sqlx::Error) -> Error {
+        Error::catalog(format!(
+            "{what} in catalog {} ({}): {e}",
+            self.name, self.shown_uri
+        ))
+    }
+}
+
+#[async_trait]
+impl Catalog for SqlCatalog {
+    async fn ensure_namespace(&self, namespace: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO iceberg_namespace_properties \
+             (catalog_name, namespace, property_key, property_value) \
+             VALUES ($1, $2, 'exists', 'true') ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.name)
+        .bind(namespace)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err("create namespace", &e))?;
+        Ok(())
+    }
+
+    async fn metadata_location(&self, table: &TableId) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT metadata_location FROM iceberg_tables \
+             WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3",
+        )
+        .bind(&self.name)
+        .bind(&table.namespace)
+        .bind(&table.name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(&format!("look up {table}"), &e))?;
+        row.map(|r| r.try_get::<Option<String>, _>(0))
+            .transpose()
+            .map(Option::flatten)
+            .map_err(|e| self.err(&format!("look up {table}"), &e))
+    }
+
+    async fn register(&self, table: &TableId, metadata_location: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, \
+             metadata_location, previous_metadata_location, iceberg_type) \
+             VALUES ($1, $2, $3, $4, NULL, 'TABLE') ON CONFLICT DO NOTHING",
+        )
+        .bind(&self.name)
+        .bind(&table.namespace)
+        .bind(&table.name)
+        .bind(metadata_location)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(&format!("register {table}"), &e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn swap(&self, table: &TableId, expected: &str, new: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = $1, previous_metadata_location = $2 \
+             WHERE catalog_name = $3 AND table_namespace = $4 AND table_name = $5 \
+             AND metadata_location = $6",
+        )
+        .bind(new)
+        .bind(expected)
+        .bind(&self.name)
+        .bind(&table.namespace)
+        .bind(&table.name)
+        .bind(expected)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(&format!("commit {table}"), &e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn unregister(&self, table: &TableId) -> Result<Option<String>> {
+        let location = self.metadata_location(table).await?;
+        sqlx::query(
+            "DELETE FROM iceberg_tables \
+             WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3",
+        )
+        .bind(&self.name)
+        .bind(&table.namespace)
+        .bind(&table.name)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(&format!("drop {table}"), &e))?;
+        Ok(location)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlalchemy_uris_translate() {
+        assert_eq!(
+            sqlx_url("sqlite:////tmp/c.db").unwrap(),
+            "sqlite:///tmp/c.db?mode=rwc"
+        );
+        assert_eq!(
+            sqlx_url("postgresql+psycopg2://u:p@h:5/db").unwrap(),
+            "postgres://u:p@h:5/db"
+        );
+        assert_eq!(
+            sqlx_url("postgresql://u@h/db").unwrap(),
+            "postgres://u@h/db"
+        );
+        let err = sqlx_url("mysql://u:hunter2@h/db").unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,196 @@
+//! The store configuration, parsed once from the JSON the Python shim builds.
+//! Secrets (passwords in URIs, keys and tokens in storage options) never reach `Debug` output.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CatalogType {
+    Sql,
+    Rest,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub catalog_type: CatalogType,
+    pub catalog_name: String,
+    pub uri: String,
+    pub warehouse: String,
+    pub namespace: String,
+    pub partition_count: u32,
+    #[serde(default)]
+    pub read_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub storage_options: BTreeMap<String, String>,
+    pub metadata_refresh_seconds: f64,
+    pub snapshot_retention_count: usize,
+    pub snapshot_retention_seconds: f64,
+    pub metadata_previous_versions_max: usize,
+    pub commit_max_retries: u32,
+    pub entity_key_serialization_version: u32,
+}
+
+impl StoreConfig {
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(json).map_err(|e| Error::config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !(1..=4096).contains(&self.partition_count) {
+            return Err(Error::config(format!(
+                "partition_count must be in 1..=4096, got {}",
+                self.partition_count
+            )));
+        }
+        if self.entity_key_serialization_version < 3 {
+            return Err(Error::config(
+                "entity_key_serialization_version must be 3 or newer (Feast removed older versions)",
+            ));
+        }
+        for (name, v) in [
+            ("metadata_refresh_seconds", self.metadata_refresh_seconds),
+            (
+                "snapshot_retention_seconds",
+                self.snapshot_retention_seconds,
+            ),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(Error::config(format!(
+                    "{name} must be a finite number >= 0"
+                )));
+            }
+        }
+        if self.snapshot_retention_count == 0 {
+            return Err(Error::config("snapshot_retention_count must be >= 1"));
+        }
+        crate::catalog::validate_name("namespace", &self.namespace)?;
+        if self.catalog_name.is_empty() {
+            return Err(Error::config("catalog_name must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn metadata_refresh(&self) -> Duration {
+        Duration::from_secs_f64(self.metadata_refresh_seconds)
+    }
+
+    pub fn snapshot_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.snapshot_retention_seconds)
+    }
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .storage_options
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str(),
+                    if is_secret_key(k) { "***" } else { v.as_str() },
+                )
+            })
+            .collect();
+        f.debug_struct("StoreConfig")
+            .field("catalog_type", &self.catalog_type)
+            .field("catalog_name", &self.catalog_name)
+            .field("uri", &redact_uri(&self.uri))
+            .field("warehouse", &redact_uri(&self.warehouse))
+            .field("namespace", &self.namespace)
+            .field("partition_count", &self.partition_count)
+            .field("storage_options", &options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Storage option keys whose values are credentials.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "secret",
+        "password",
+        "token",
+        "credential",
+        "session",
+        "key-id",
+        "access-key",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+/// `scheme://user:password@host/...` -> `scheme://user:***@host/...`.
+pub fn redact_uri(uri: &str) -> String {
+    let Some(scheme_end) = uri.find("://") else {
+        return uri.to_string();
+    };
+    let rest = &uri[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let Some(at) = authority.rfind('@') else {
+        return uri.to_string();
+    };
+    let userinfo = &authority[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let redacted = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_string()
+    };
+    format!("{}{}@{}", &uri[..scheme_end + 3], redacted, &rest[at + 1..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_in_uris() {
+        assert_eq!(
+            redact_uri("postgresql://feast:hunter2@127.0.0.1:5432/db"),
+            "postgresql://feast:***@127.0.0.1:5432/db"
+        );
+        assert_eq!(redact_uri("sqlite:////tmp/x.db"), "sqlite:////tmp/x.db");
+        assert_eq!(redact_uri("https://tok@h/x"), "https://***@h/x");
+    }
+
+    #[test]
+    fn debug_hides_secrets() {
+        let json = r#"{"catalog_type":"sql","catalog_name":"c","uri":"postgresql://u:hunter2@h/db",
+            "warehouse":"file:///tmp/w","namespace":"ns","partition_count":16,
+            "storage_options":{"s3.secret-access-key":"s3cr3t","s3.region":"us-east-1"},
+            "metadata_refresh_seconds":1.0,"snapshot_retention_count":1,
+            "snapshot_retention_seconds":1.0,"metadata_previous_versions_max":5,
+            "commit_max_retries":3,"entity_key_serialization_version":3}"#;
+        let cfg = StoreConfig::from_json(json).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("s3cr3t"),
+            "{shown}"
+        );
+        assert!(shown.contains("us-east-1"));
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        let bad = r#"{"catalog_type":"sql","catalog_name":"c","uri":"sqlite:///x","warehouse":"w",
+            "namespace":"ns","partition_count":0,"metadata_refresh_seconds":1.0,
+            "snapshot_retention_count":1,"snapshot_retention_seconds":1.0,
+            "metadata_previous_versions_max":5,"commit_max_retries":3,
+            "entity_key_serialization_version":3}"#;
+        assert!(matches!(StoreConfig::from_json(bad), Err(Error::Config(_))));
+        assert!(matches!(
+            StoreConfig::from_json(r#"{"catalog_type":"hive"}"#),
+            Err(Error::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,602 @@
+//! Feast protos <-> Arrow, and Feast's entity-key encoding.
+//!
+//! Write side: serialized `Value` protos become one Arrow column per feature in the table's
+//! exact Arrow type; a value of the wrong kind is an error naming the column (never a silent
+//! coercion or drop). Read side: one Arrow cell becomes one serialized `Value`.
+
+use std::sync::Arc;
+
+use arrow_array::builder::{
+    BooleanBuilder, Float32Builder, Float64Builder, Int32Builder, Int64Builder, LargeBinaryBuilder,
+    ListBuilder, StringBuilder, TimestampMicrosecondBuilder,
+};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int32Type, Int64Type, TimestampMicrosecondType,
+};
+use arrow_array::{Array, ArrayRef, RecordBatch, new_null_array};
+use arrow_schema::{DataType, FieldRef};
+use prost::Message;
+
+use crate::error::{Error, Result};
+use crate::proto::value::Val;
+use crate::proto::{self, EntityKey, Value};
+use crate::schema::{Column, ColumnKind, Layout, Scalar};
+
+const MICROS_PER_SECOND: i64 = 1_000_000;
+
+/// Feast's NaN timestamp: `unix_timestamp_val = -2**63`, kept as the same instant in microseconds
+/// so it round-trips instead of overflowing.
+const NAN_TIMESTAMP: i64 = i64::MIN;
+
+fn seconds_to_micros(secs: i64, column: &str) -> Result<i64> {
+    if secs == NAN_TIMESTAMP {
+        return Ok(NAN_TIMESTAMP);
+    }
+    secs.checked_mul(MICROS_PER_SECOND).ok_or_else(|| {
+        Error::input(format!(
+            "column {column:?}: unix timestamp {secs} s is out of range"
+        ))
+    })
+}
+
+fn micros_to_seconds(micros: i64) -> i64 {
+    if micros == NAN_TIMESTAMP {
+        NAN_TIMESTAMP
+    } else {
+        micros.div_euclid(MICROS_PER_SECOND)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entity keys
+
+/// Feast's `serialize_entity_key` (version 3) from a serialized `EntityKey` proto. Join keys are
+/// sorted by name exactly as Feast sorts them (Unicode code points = UTF-8 byte order).
+pub fn serialize_entity_key(key: &EntityKey) -> Result<Vec<u8>> {
+    if key.join_keys.len() != key.entity_values.len() {
+        return Err(Error::input(format!(
+            "entity key has {} join keys but {} values",
+            key.join_keys.len(),
+            key.entity_values.len()
+        )));
+    }
+    let mut pairs: Vec<(&String, &Value)> = key.join_keys.iter().zip(&key.entity_values).collect();
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::with_capacity(16 + 24 * pairs.len());
+    push_u32(&mut out, pairs.len())?;
+    for (name, _) in &pairs {
+        push_u32(&mut out, Scalar::String as usize)?;
+        push_u32(&mut out, name.len())?;
+        out.extend_from_slice(name.as_bytes());
+    }
+    for (name, value) in &pairs {
+        let (kind, bytes): (Scalar, Vec<u8>) = match &value.val {
+            Some(Val::StringVal(s)) => (Scalar::String, s.as_bytes().to_vec()),
+            Some(Val::BytesVal(b)) => (Scalar::Bytes, b.clone()),
+            Some(Val::Int32Val(v)) => (Scalar::Int32, v.to_le_bytes().to_vec()),
+            Some(Val::Int64Val(v)) => (Scalar::Int64, v.to_le_bytes().to_vec()),
+            Some(Val::UnixTimestampVal(v)) => (Scalar::UnixTimestamp, v.to_le_bytes().to_vec()),
+            other => {
+                return Err(Error::input(format!(
+                    "join key {name:?}: Feast cannot serialize an entity value of kind {}",
+                    other.as_ref().map_or(0, Val::tag)
+                )));
+            }
+        };
+        push_u32(&mut out, kind as usize)?;
+        push_u32(&mut out, bytes.len())?;
+        out.extend_from_slice(&bytes);
+    }
+    Ok(out)
+}
+
+fn push_u32(out: &mut Vec<u8>, n: usize) -> Result<()> {
+    let n = u32::try_from(n).map_err(|_| Error::input("entity key part is larger than 4 GiB"))?;
+    out.extend_from_slice(&n.to_le_bytes());
+    Ok(())
+}
+
+pub fn decode_entity_key(bytes: &[u8]) -> Result<EntityKey> {
+    EntityKey::decode(bytes).map_err(|e| Error::input(format!("not an EntityKey proto: {e}")))
+}
+
+/// Serialized Feast keys for serialized `EntityKey` protos.
+pub fn serialize_entity_keys(protos: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
+    protos
+        .iter()
+        .map(|p| serialize_entity_key(&decode_entity_key(p)?))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Values -> Arrow
+
+fn kind_name(tag: u32) -> String {
+    format!("Value field #{tag}")
+}
+
+/// Decodes the values of one typed column, checking each has the column's kind. Unset values and
+/// `null_val` become nulls.
+fn decode_typed(col: &Column, expected: u32, cells: &[&[u8]]) -> Result<Vec<Option<Val>>> {
+    cells
+        .iter()
+        .map(|bytes| match proto::value_tag(bytes) {
+            None | Some(19) => Ok(None),
+            Some(tag) if tag == expected => Value::decode(*bytes)
+                .map(|v| v.val)
+                .map_err(|e| Error::input(format!("feature {:?}: bad Value proto: {e}", col.name))),
+            Some(tag) => Err(Error::input(format!(
+                "feature {:?} is declared as Feast ValueType {} but a row holds {} \
+                 (expected field #{expected})",
+                col.name,
+                col.value_type,
+                kind_name(tag)
+            ))),
+        })
+        .collect()
+}
+
+macro_rules! scalar_array {
+    ($vals:expr, $builder:expr, $ty:expr, $variant:path, $conv:expr) => {{
+        let mut b = $builder;
+        for v in $vals {
+            match v {
+                Some($variant(x)) => b.append_value($conv(x)?),
+                _ => b.append_null(),
+            }
+        }
+        Arc::new(b.finish()) as ArrayRef
+    }};
+}
+
+macro_rules! list_array {
+    ($vals:expr, $field:expr, $inner:expr, [$($variant:path),+], $conv:expr) => {{
+        let mut b = ListBuilder::new($inner).with_field($field.clone());
+        for v in $vals {
+            match v {
+                $(Some($variant(list)))|+ => {
+                    for x in list.val {
+                        b.values().append_value($conv(x)?);
+                    }
+                    b.append(true);
+                }
+                _ => b.append_null(),
+            }
+        }
+        Arc::new(b.finish()) as ArrayRef
+    }};
+}
+
+fn ok<T>(x: T) -> Result<T> {
+    Ok(x)
+}
+
+fn scalar_column(s: Scalar, dt: &DataType, vals: Vec<Option<Val>>, name: &str) -> Result<ArrayRef> {
+    let n = vals.len();
+    let ts = |x: i64| seconds_to_micros(x, name);
+    Ok(match s {
+        Scalar::Bytes => scalar_array!(vals, LargeBinaryBuilder::new(), dt, Val::BytesVal, ok),
+        Scalar::String => scalar_array!(vals, StringBuilder::new(), dt, Val::StringVal, ok),
+        Scalar::Int32 => scalar_array!(vals, Int32Builder::with_capacity(n), dt, Val::Int32Val, ok),
+        Scalar::Int64 => scalar_array!(vals, Int64Builder::with_capacity(n), dt, Val::Int64Val, ok),
+        Scalar::Double => {
+            scalar_array!(
+                vals,
+                Float64Builder::with_capacity(n),
+                dt,
+                Val::DoubleVal,
+                ok
+            )
+        }
+        Scalar::Float => scalar_array!(
+            vals,
+            Float32Builder::with_capacity(n),
+            dt,
+            Val::FloatVal,
+            ok
+        ),
+        Scalar::Bool => scalar_array!(vals, BooleanBuilder::with_capacity(n), dt, Val::BoolVal, ok),
+        Scalar::UnixTimestamp => scalar_array!(
+            vals,
+            TimestampMicrosecondBuilder::with_capacity(n).with_data_type(dt.clone()),
+            dt,
+            Val::UnixTimestampVal,
+            ts
+        ),
+    })
+}
+
+fn list_column(s: Scalar, dt: &DataType, vals: Vec<Option<Val>>, name: &str) -> Result<ArrayRef> {
+    let DataType::List(field) = dt else {
+        return Err(Error::internal(format!(
+            "column {name:?} is not an Arrow list"
+        )));
+    };
+    let field: &FieldRef = field;
+    let ts = |x: i64| seconds_to_micros(x, name);
+    Ok(match s {
+        Scalar::Bytes => list_array!(
+            vals,
+            field,
+            LargeBinaryBuilder::new(),
+            [Val::BytesListVal, Val::BytesSetVal],
+            ok
+        ),
+        Scalar::String => list_array!(
+            vals,
+            field,
+            StringBuilder::new(),
+            [Val::StringListVal, Val::StringSetVal],
+            ok
+        ),
+        Scalar::Int32 => list_array!(
+            vals,
+            field,
+            Int32Builder::new(),
+            [Val::Int32ListVal, Val::Int32SetVal],
+            ok
+        ),
+        Scalar::Int64 => list_array!(
+            vals,
+            field,
+            Int64Builder::new(),
+            [Val::Int64ListVal, Val::Int64SetVal],
+            ok
+        ),
+        Scalar::Double => list_array!(
+            vals,
+            field,
+            Float64Builder::new(),
+            [Val::DoubleListVal, Val::DoubleSetVal],
+            ok
+        ),
+        Scalar::Float => list_array!(
+            vals,
+            field,
+            Float32Builder::new(),
+            [Val::FloatListVal, Val::FloatSetVal],
+            ok
+        ),
+        Scalar::Bool => list_array!(
+            vals,
+            field,
+            BooleanBuilder::new(),
+            [Val::BoolListVal, Val::BoolSetVal],
+            ok
+        ),
+        Scalar::UnixTimestamp => list_array!(
+            vals,
+            field,
+            TimestampMicrosecondBuilder::new().with_data_type(field.data_type().clone()),
+            [Val::UnixTimestampListVal, Val::UnixTimestampSetVal],
+            ts
+        ),
+    })
+}
+
+/// The serialized protos as-is; unset values are nulls.
+fn proto_column(cells: &[&[u8]]) -> ArrayRef {
+    let mut b = LargeBinaryBuilder::new();
+    for c in cells {
+        if c.is_empty() {
+            b.append_null();
+        } else {
+            b.append_value(c);
+        }
+    }
+    Arc::new(b.finish())
+}
+
+/// One Arrow column from the serialized `Value`s of one feature or join key.
+pub fn values_to_array(col: &Column, dt: &DataType, cells: &[&[u8]]) -> Result<ArrayRef> {
+    let Some(expected) = col.kind.value_tag() else {
+        return Ok(proto_column(cells));
+    };
+    let vals = decode_typed(col, expected, cells)?;
+    match col.kind {
+        ColumnKind::Scalar(s) => scalar_column(s, dt, vals, &col.name),
+        ColumnKind::List(s) | ColumnKind::Set(s) => list_column(s, dt, vals, &col.name),
+        ColumnKind::Proto => Ok(proto_column(cells)),
+    }
+}
+
+/// A write batch in the table's Arrow schema.
+pub struct WriteInput<'a> {
+    pub feature_names: &'a [String],
+    pub entity_keys: &'a [&'a [u8]],
+    /// Row-major: row i holds `values[i*F..(i+1)*F]`.
+    pub values: &'a [&'a [u8]],
+    pub event_ts: &'a [i64],
+    pub created_ts: &'a [Option<i64>],
+}
+
+/// Validates a batch and converts it to one `RecordBatch` in the table schema, before any I/O.
+pub fn build_write_batch(layout: &Layout, input: &WriteInput<'_>) -> Result<RecordBatch> {
+    let rows = input.entity_keys.len();
+    let width = input.feature_names.len();
+    if input.values.len() != rows * width
+        || input.event_ts.len() != rows
+        || input.created_ts.len() != rows
+    {
+        return Err(Error::input(format!(
+            "batch is ragged: {rows} keys, {} values for {width} features, {} event and {} \
+             created timestamps",
+            input.values.len(),
+            input.event_ts.len(),
+            input.created_ts.len()
+        )));
+    }
+    let mut feature_pos = Vec::with_capacity(width);
+    for name in input.feature_names {
+        let col = layout.feature(name).ok_or_else(|| {
+            Error::schema(format!(
+                "feature {name:?} is not a column of the table (run `feast apply` after adding \
+                 features)"
+            ))
+        })?;
+        feature_pos.push(col.index);
+    }
+
+    let keys: Vec<EntityKey> = input
+        .entity_keys
+        .iter()
+        .map(|b| decode_entity_key(b))
+        .collect::<Result<_>>()?;
+    let mut columns: Vec<Option<ArrayRef>> = vec![None; layout.arrow.fields().len()];
+
+    let mut serialized = LargeBinaryBuilder::with_capacity(rows, rows * 24);
+    for k in &keys {
+        serialized.append_value(serialize_entity_key(k)?);
+    }
+    columns[layout.entity_key] = Some(Arc::new(serialized.finish()));
+
+    for col in &layout.join_keys {
+        let cells: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| {
+                k.join_keys
+                    .iter()
+                    .position(|n| *n == col.name)
+                    .map(|i| k.entity_values[i].encode_to_vec())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let refs: Vec<&[u8]> = cells.iter().map(Vec::as_slice).collect();
+        let dt = layout.arrow.field(col.index).data_type();
+        columns[col.index] = Some(values_to_array(col, dt, &refs)?);
+    }
+
+    let ts_type = layout.arrow.field(layout.event_ts).data_type().clone();
+    let mut ev = TimestampMicrosecondBuilder::with_capacity(rows).with_data_type(ts_type.clone());
+    ev.append_slice(input.event_ts);
+    columns[layout.event_ts] = Some(Arc::new(ev.finish()));
+    let mut cr = TimestampMicrosecondBuilder::with_capacity(rows).with_data_type(ts_type);
+    for c in input.created_ts {
+        cr.append_option(*c);
+    }
+    columns[layout.created_ts] = Some(Arc::new(cr.finish()));
+
+    let mut cells: Vec<&[u8]> = Vec::with_capacity(rows);
+    for (j, &index) in feature_pos.iter().enumerate() {
+        cells.clear();
+        cells.extend((0..rows).map(|i| input.values[i * width + j]));
+        let col = layout
+            .features
+            .iter()
+            .find(|c| c.index == index)
+            .ok_or_else(|| Error::internal("feature column vanished"))?;
+        let dt = layout.arrow.field(index).data_type();
+        columns[index] = Some(values_to_array(col, dt, &cells)?);
+    }
+
+    let columns: Vec<ArrayRef> = columns
+        .into_iter()
+        .zip(layout.arrow.fields())
+        .map(|(c, f)| c.unwrap_or_else(|| new_null_array(f.data_type(), rows)))
+        .collect();
+    Ok(RecordBatch::try_new(layout.arrow.clone(), columns)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Arrow -> Values
+
+fn encode(val: Val) -> Vec<u8> {
+    Value { val: Some(val) }.encode_to_vec()
+}
+
+macro_rules! list_values {
+    ($list:expr, $ty:ty, $msg:ident, $conv:expr) => {{
+        let arr = $list.as_primitive::<$ty>();
+        proto::$msg {
+            val: arr.values().iter().map(|x| $conv(*x)).collect(),
+        }
+    }};
+}
+
+fn scalar_cell(s: Scalar, array: &dyn Array, row: usize) -> Val {
+    match s {
+        Scalar::Bytes => Val::BytesVal(array.as_binary::<i64>().value(row).to_vec()),
+        Scalar::String => Val::StringVal(array.as_string::<i32>().value(row).to_string()),
+        Scalar::Int32 => Val::Int32Val(array.as_primitive::<Int32Type>().value(row)),
+        Scalar::Int64 => Val::Int64Val(array.as_primitive::<Int64Type>().value(row)),
+        Scalar::Double => Val::DoubleVal(array.as_primitive::<Float64Type>().value(row)),
+        Scalar::Float => Val::FloatVal(array.as_primitive::<Float32Type>().value(row)),
+        Scalar::Bool => Val::BoolVal(array.as_boolean().value(row)),
+        Scalar::UnixTimestamp => Val::UnixTimestampVal(micros_to_seconds(
+            array.as_primitive::<TimestampMicrosecondType>().value(row),
+        )),
+    }
+}
+
+fn list_cell(s: Scalar, set: bool, items: &dyn Array) -> Val {
+    match (s, set) {
+        (Scalar::Bytes, _) => {
+            let v = proto::BytesList {
+                val: items
+                    .as_binary::<i64>()
+                    .iter()
+                    .flatten()
+                    .map(<[u8]>::to_vec)
+                    .collect(),
+            };
+            if set {
+                Val::BytesSetVal(v)
+            } else {
+                Val::BytesListVal(v)
+            }
+        }
+        (Scalar::String, _) => {
+            let v = proto::StringList {
+                val: items
+                    .as_string::<i32>()
+                    .iter()
+                    .flatten()
+                    .map(str::to_string)
+                    .collect(),
+            };
+            if set {
+                Val::StringSetVal(v)
+            } else {
+                Val::StringListVal(v)
+            }
+        }
+        (Scalar::Bool, _) => {
+            let v = proto::BoolList {
+                val: items.as_boolean().iter().flatten().collect(),
+            };
+            if set {
+                Val::BoolSetVal(v)
+            } else {
+                Val::BoolListVal(v)
+            }
+        }
+        (Scalar::Int32, false) => Val::Int32ListVal(list_values!(
+            items,
+            Int32Type,
+            Int32List,
+            std::convert::identity
+        )),
+        (Scalar::Int32, true) => Val::Int32SetVal(list_values!(
+            items,
+            Int32Type,
+            Int32List,
+            std::convert::identity
+        )),
+        (Scalar::Int64, false) => Val::Int64ListVal(list_values!(
+            items,
+            Int64Type,
+            Int64List,
+            std::convert::identity
+        )),
+        (Scalar::Int64, true) => Val::Int64SetVal(list_values!(
+            items,
+            Int64Type,
+            Int64List,
+            std::convert::identity
+        )),
+        (Scalar::Double, false) => Val::DoubleListVal(list_values!(
+            items,
+            Float64Type,
+            DoubleList,
+            std::convert::identity
+        )),
+        (Scalar::Double, true) => Val::DoubleSetVal(list_values!(
+            items,
+            Float64Type,
+            DoubleList,
+            std::convert::identity
+        )),
+        (Scalar::Float, false) => Val::FloatListVal(list_values!(
+            items,
+            Float32Type,
+            FloatList,
+            std::convert::identity
+        )),
+        (Scalar::Float, true) => Val::FloatSetVal(list_values!(
+            items,
+            Float32Type,
+            FloatList,
+            std::convert::identity
+        )),
+        (Scalar::UnixTimestamp, false) => Val::UnixTimestampListVal(list_values!(
+            items,
+            TimestampMicrosecondType,
+            Int64List,
+            micros_to_seconds
+        )),
+        (Scalar::UnixTimestamp, true) => Val::UnixTimestampSetVal(list_values!(
+            items,
+            TimestampMicrosecondType,
+            Int64List,
+            micros_to_seconds
+        )),
+    }
+}
+
+/// The serialized `Value` of one cell; a null cell is an unset `Value` (empty bytes).
+pub fn cell_to_value(kind: ColumnKind, array: &dyn Array, row: usize) -> Vec<u8> {
+    if array.is_null(row) {
+        return Vec::new();
+    }
+    match kind {
+        ColumnKind::Proto => array.as_binary::<i64>().value(row).to_vec(),
+        ColumnKind::Scalar(s) => encode(scalar_cell(s, array, row)),
+        ColumnKind::List(s) => encode(list_cell(s, false, &array.as_list::<i32>().value(row))),
+        ColumnKind::Set(s) => encode(list_cell(s, true, &array.as_list::<i32>().value(row))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(pairs: &[(&str, Val)]) -> EntityKey {
+        EntityKey {
+            join_keys: pairs.iter().map(|p| p.0.to_string()).collect(),
+            entity_values: pairs
+                .iter()
+                .map(|p| Value {
+                    val: Some(p.1.clone()),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn entity_key_matches_feast_layout() {
+        // Feast v3: count, then (type=STRING, len, name) per key, then (type, len, bytes).
+        let k = serialize_entity_key(&key(&[("driver_id", Val::Int64Val(1001))])).unwrap();
+        let mut expect = vec![1, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0];
+        expect.extend_from_slice(b"driver_id");
+        expect.extend_from_slice(&[4, 0, 0, 0, 8, 0, 0, 0]);
+        expect.extend_from_slice(&1001i64.to_le_bytes());
+        assert_eq!(k, expect);
+    }
+
+    #[test]
+    fn compound_keys_are_sorted_by_name() {
+        let a = serialize_entity_key(&key(&[
+            ("b", Val::StringVal("x".into())),
+            ("a", Val::Int32Val(-3)),
+        ]))
+        .unwrap();
+        let b = serialize_entity_key(&key(&[
+            ("a", Val::Int32Val(-3)),
+            ("b", Val::StringVal("x".into())),
+        ]))
+        .unwrap();
+        assert_eq!(a, b);
+        assert!(serialize_entity_key(&key(&[("a", Val::DoubleVal(1.0))])).is_err());
+    }
+
+    #[test]
+    fn timestamps_keep_the_nan_sentinel() {
+        assert_eq!(
+            seconds_to_micros(NAN_TIMESTAMP, "c").unwrap(),
+            NAN_TIMESTAMP
+        );
+        assert_eq!(micros_to_seconds(seconds_to_micros(-5, "c").unwrap()), -5);
+        assert!(seconds_to_micros(i64::MAX / 10, "c").is_err());
+    }
+}

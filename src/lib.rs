@@ -1,0 +1,27 @@
+//! feast-iceberg: a Feast online store on Apache Iceberg with true upserts.
+//!
+//! The core (everything but `bindings`) knows nothing about Python, so `cargo test` runs it
+//! without an interpreter. Module map: `config` (settings), `catalog` (where metadata lives and
+//! the atomic swap), `storage` (FileIO), `schema` (Feast <-> Iceberg types), `proto` + `convert`
+//! (Feast protos <-> Arrow, entity keys), `table` (a loaded table), `read` (point lookups),
+//! `write` (upserts and snapshot building), `maintenance` (retention), `store` (ties them up).
+
+pub mod catalog;
+pub mod config;
+pub mod convert;
+pub mod error;
+pub mod maintenance;
+pub mod proto;
+pub mod read;
+pub mod runtime;
+pub mod schema;
+pub mod storage;
+pub mod store;
+pub mod table;
+pub mod write;
+
+#[cfg(feature = "python")]
+mod bindings;
+
+pub use error::{Error, Result};
+pub use store::Store;

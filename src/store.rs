@@ -1,0 +1,514 @@
+//! `Store`: one catalog + warehouse, its caches, and the operations the bindings expose.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::builder::LargeBinaryBuilder;
+use iceberg::MetadataLocation;
+use iceberg::io::FileIO;
+use iceberg::spec::{
+    FormatVersion, NullOrder, SortDirection, SortField, SortOrder, TableMetadata,
+    TableMetadataBuilder, Transform, UnboundPartitionSpec,
+};
+use tokio::sync::OnceCell;
+
+use crate::catalog::{self, Catalog, TableId};
+use crate::config::StoreConfig;
+use crate::convert::{WriteInput, decode_entity_key, serialize_entity_key};
+use crate::error::{Error, Result};
+use crate::maintenance;
+use crate::read::{self, FileCache, ReadOutput};
+use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
+use crate::storage;
+use crate::table::{LiveFile, SnapshotFiles, TableState};
+use crate::write::{self, Changes, PreparedCommit, WriteReport, delete_quietly};
+
+/// Decoded-file cache budget.
+const FILE_CACHE_BYTES: usize = 1 << 30;
+
+pub struct Store {
+    pub(crate) config: StoreConfig,
+    pub(crate) file_io: FileIO,
+    pub(crate) files: Arc<FileCache>,
+    catalog: OnceCell<Arc<dyn Catalog>>,
+    tables: Mutex<HashMap<TableId, Arc<TableState>>>,
+    /// Files of snapshots we have read, by manifest-list path (unique per snapshot).
+    snapshots: Mutex<HashMap<String, Arc<SnapshotFiles>>>,
+}
+
+/// Stats of one table's current state.
+#[derive(Debug, Clone)]
+pub struct TableStats {
+    pub snapshot_id: Option<i64>,
+    pub snapshots: usize,
+    pub data_files: usize,
+    pub delete_files: usize,
+    pub records: u64,
+    pub data_bytes: u64,
+    pub metadata_location: String,
+    pub metadata_log: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Result<Self> {
+        let file_io = storage::file_io(&config)?;
+        Ok(Self {
+            config,
+            file_io,
+            files: Arc::new(FileCache::new(FILE_CACHE_BYTES)),
+            catalog: OnceCell::new(),
+            tables: Mutex::new(HashMap::new()),
+            snapshots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn catalog(&self) -> Result<&Arc<dyn Catalog>> {
+        self.catalog
+            .get_or_try_init(|| catalog::connect(&self.config))
+            .await
+    }
+
+    pub fn table_id(&self, table: &str) -> Result<TableId> {
+        catalog::validate_name("table", table)?;
+        Ok(TableId {
+            namespace: self.config.namespace.clone(),
+            name: table.to_string(),
+        })
+    }
+
+    fn cached(&self, id: &TableId) -> Option<Arc<TableState>> {
+        lock(&self.tables).get(id).cloned()
+    }
+
+    fn install(&self, state: Arc<TableState>) {
+        lock(&self.tables).insert(state.id.clone(), state);
+    }
+
+    /// The table as of at most `max_age` ago: served from cache while fresh, else one catalog
+    /// lookup, and a metadata reload only when another writer committed.
+    pub async fn current(&self, id: &TableId, max_age: Duration) -> Result<Arc<TableState>> {
+        let cached = self.cached(id);
+        if let Some(s) = &cached
+            && s.checked_at.elapsed() < max_age
+        {
+            return Ok(s.clone());
+        }
+        let Some(location) = self.catalog().await?.metadata_location(id).await? else {
+            lock(&self.tables).remove(id);
+            return Err(Error::TableNotFound(id.to_string()));
+        };
+        let state = match cached {
+            Some(s) if s.metadata_location == location => Arc::new(TableState {
+                id: s.id.clone(),
+                metadata_location: location,
+                metadata: s.metadata.clone(),
+                layout: s.layout.clone(),
+                files: s.files.clone(),
+                checked_at: Instant::now(),
+            }),
+            _ => Arc::new(TableState::load(&self.file_io, id.clone(), location).await?),
+        };
+        self.remember_snapshot(&state);
+        self.install(state.clone());
+        Ok(state)
+    }
+
+    fn remember_snapshot(&self, state: &TableState) {
+        if let Some(list) = &state.files.manifest_list {
+            lock(&self.snapshots).insert(list.clone(), state.files.clone());
+        }
+    }
+
+    async fn snapshot_files(
+        &self,
+        md: &TableMetadata,
+        snapshot_id: i64,
+    ) -> Result<Option<Arc<SnapshotFiles>>> {
+        let Some(snapshot) = md.snapshot_by_id(snapshot_id) else {
+            return Ok(None);
+        };
+        if let Some(hit) = lock(&self.snapshots).get(snapshot.manifest_list()) {
+            return Ok(Some(hit.clone()));
+        }
+        let files = Arc::new(SnapshotFiles::load(&self.file_io, md, snapshot).await?);
+        lock(&self.snapshots).insert(snapshot.manifest_list().to_string(), files.clone());
+        Ok(Some(files))
+    }
+
+    pub(crate) fn expirable(&self, md: &TableMetadata, pending_new: bool) -> Vec<i64> {
+        let grace_ms = i64::try_from(self.config.snapshot_grace().as_millis()).unwrap_or(i64::MAX);
+        maintenance::expirable(
+            md,
+            pending_new,
+            chrono::Utc::now().timestamp_millis(),
+            self.config.snapshot_retention_count,
+            grace_ms,
+        )
+    }
+
+    /// Commits a prepared metadata version. Some(new state) on success, None on a conflict (the
+    /// prepared metadata file is then deleted by the caller).
+    pub(crate) async fn swap(
+        &self,
+        base: &TableState,
+        prepared: &PreparedCommit,
+    ) -> Result<Option<Arc<TableState>>> {
+        let swapped = self
+            .catalog()
+            .await?
+            .swap(
+                &base.id,
+                &base.metadata_location,
+                &prepared.metadata_location,
+            )
+            .await?;
+        if !swapped {
+            return Ok(None);
+        }
+        let state = Arc::new(
+            TableState::from_metadata(
+                &self.file_io,
+                base.id.clone(),
+                prepared.metadata_location.clone(),
+                Arc::new(prepared.metadata.clone()),
+            )
+            .await?,
+        );
+        self.remember_snapshot(&state);
+        self.install(state.clone());
+        Ok(Some(state))
+    }
+
+    /// Deletes what the commit made unreachable: files only expired snapshots referenced and
+    /// metadata.json files beyond the log. Best effort: a failure leaves orphans, never damage.
+    pub(crate) async fn after_commit(
+        &self,
+        before: &TableState,
+        after: &TableState,
+        prepared: &PreparedCommit,
+        expired: &[i64],
+        replaced: &[Arc<LiveFile>],
+    ) {
+        self.files
+            .retain_paths(&after.files.data.iter().map(|f| f.path()).collect());
+        let _ = replaced;
+        if !expired.is_empty() {
+            let mut doomed: HashSet<String> = HashSet::new();
+            for id in expired {
+                if let Ok(Some(files)) = self.snapshot_files(&before.metadata, *id).await {
+                    doomed.extend(files.manifest_list.iter().cloned());
+                    doomed.extend(files.manifests.iter().cloned());
+                    doomed.extend(files.data.iter().map(|f| f.path().to_string()));
+                }
+            }
+            for s in after.metadata.snapshots() {
+                match self.snapshot_files(&after.metadata, s.snapshot_id()).await {
+                    Ok(Some(files)) => {
+                        for p in files
+                            .manifest_list
+                            .iter()
+                            .chain(&files.manifests)
+                            .map(String::as_str)
+                            .chain(files.data.iter().map(|f| f.path()))
+                        {
+                            doomed.remove(p);
+                        }
+                    }
+                    // Unknown references: delete nothing rather than guess.
+                    _ => return,
+                }
+            }
+            let doomed: Vec<String> = doomed.into_iter().collect();
+            delete_quietly(&self.file_io, &doomed).await;
+            let mut snaps = lock(&self.snapshots);
+            let live: HashSet<&str> = after
+                .metadata
+                .snapshots()
+                .map(|s| s.manifest_list())
+                .collect();
+            snaps.retain(|k, _| live.contains(k.as_str()));
+        }
+        delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+    }
+
+    // ---- tables -------------------------------------------------------------------------
+
+    pub async fn table_exists(&self, table: &str) -> Result<bool> {
+        let id = self.table_id(table)?;
+        Ok(self
+            .catalog()
+            .await?
+            .metadata_location(&id)
+            .await?
+            .is_some())
+    }
+
+    fn table_properties(&self) -> HashMap<String, String> {
+        let grace_ms = self.config.snapshot_grace().as_millis().to_string();
+        [
+            ("write.format.default", "parquet".to_string()),
+            ("write.parquet.compression-codec", "zstd".to_string()),
+            (
+                "write.parquet.bloom-filter-enabled.column.entity_key",
+                "true".to_string(),
+            ),
+            ("write.parquet.row-group-limit", "16384".to_string()),
+            ("write.parquet.page-row-limit", "1024".to_string()),
+            ("write.distribution-mode", "hash".to_string()),
+            (
+                "write.metadata.delete-after-commit.enabled",
+                "true".to_string(),
+            ),
+            (
+                "write.metadata.previous-versions-max",
+                self.config.metadata_previous_versions_max.to_string(),
+            ),
+            (
+                "history.expire.min-snapshots-to-keep",
+                self.config.snapshot_retention_count.to_string(),
+            ),
+            ("history.expire.max-snapshot-age-ms", grace_ms),
+            (PROP_BUCKETS, self.config.partition_count.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    fn new_metadata(
+        &self,
+        id: &TableId,
+        join_keys: &[ColumnSpec],
+        features: &[ColumnSpec],
+    ) -> Result<TableMetadata> {
+        let schema = schema::new_table_schema(join_keys, features)?;
+        let key_id = schema
+            .field_by_name(ENTITY_KEY)
+            .ok_or_else(|| Error::internal("entity_key missing"))?
+            .id;
+        let spec = UnboundPartitionSpec::builder()
+            .add_partition_field(
+                key_id,
+                "entity_key_bucket",
+                Transform::Bucket(self.config.partition_count),
+            )?
+            .build();
+        let sort = SortOrder::builder()
+            .with_order_id(1)
+            .with_sort_field(
+                SortField::builder()
+                    .source_id(key_id)
+                    .transform(Transform::Identity)
+                    .direction(SortDirection::Ascending)
+                    .null_order(NullOrder::First)
+                    .build(),
+            )
+            .build_unbound()?;
+        let declared = join_keys
+            .iter()
+            .chain(features)
+            .map(|c| (c.name.clone(), c.value_type))
+            .collect();
+        let mut props = self.table_properties();
+        props.extend(schema::type_properties(join_keys, &declared)?);
+        let location = storage::table_location(&self.config, &id.namespace, &id.name);
+        Ok(
+            TableMetadataBuilder::new(schema, spec, sort, location, FormatVersion::V2, props)?
+                .build()?
+                .metadata,
+        )
+    }
+
+    /// Creates the table, or evolves it: new features become new columns; a changed type is an
+    /// error naming the column.
+    pub async fn ensure_table(
+        &self,
+        table: &str,
+        join_keys: &[ColumnSpec],
+        features: &[ColumnSpec],
+    ) -> Result<()> {
+        let id = self.table_id(table)?;
+        let catalog = self.catalog().await?;
+        for _ in 0..=self.config.commit_max_retries {
+            match self.current(&id, Duration::ZERO).await {
+                Ok(state) => {
+                    if self.evolve(&state, join_keys, features).await? {
+                        return Ok(());
+                    }
+                }
+                Err(Error::TableNotFound(_)) => {
+                    let md = self.new_metadata(&id, join_keys, features)?;
+                    let location = MetadataLocation::new_with_metadata(md.location(), &md);
+                    md.write_to(&self.file_io, &location).await?;
+                    catalog.ensure_namespace(&id.namespace).await?;
+                    if catalog.register(&id, &location.to_string()).await? {
+                        return Ok(());
+                    }
+                    // Another process created it first: evolve theirs instead.
+                    delete_quietly(&self.file_io, &[location.to_string()]).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::CommitConflict {
+            table: id.to_string(),
+            attempts: self.config.commit_max_retries + 1,
+        })
+    }
+
+    /// Adds missing feature columns. True when the table is up to date afterwards, false on a
+    /// commit conflict (the caller reloads and retries).
+    async fn evolve(
+        &self,
+        state: &Arc<TableState>,
+        join_keys: &[ColumnSpec],
+        features: &[ColumnSpec],
+    ) -> Result<bool> {
+        let md = &state.metadata;
+        let mut declared = schema::declared_types(md)?;
+        let Some(new_schema) = schema::evolved_schema(
+            md.current_schema(),
+            &declared,
+            features,
+            md.last_column_id(),
+        )?
+        else {
+            return Ok(true);
+        };
+        declared.extend(features.iter().map(|c| (c.name.clone(), c.value_type)));
+        let existing_join: Vec<ColumnSpec> = state
+            .layout
+            .join_keys
+            .iter()
+            .map(|c| ColumnSpec {
+                name: c.name.clone(),
+                value_type: c.value_type,
+            })
+            .collect();
+        let _ = join_keys;
+        let metadata = md
+            .as_ref()
+            .clone()
+            .into_builder(None)
+            .add_current_schema(new_schema)?
+            .set_properties(schema::type_properties(&existing_join, &declared)?)?
+            .build()?
+            .metadata;
+        let prepared = write::prepare(
+            &self.file_io,
+            state,
+            Changes {
+                metadata: Some(metadata),
+                ..Changes::default()
+            },
+        )
+        .await?;
+        match self.swap(state, &prepared).await? {
+            Some(_) => {
+                delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+                Ok(true)
+            }
+            None => {
+                delete_quietly(&self.file_io, &prepared.written).await;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Unregisters the table and deletes its files. False if it did not exist.
+    pub async fn drop_table(&self, table: &str) -> Result<bool> {
+        let id = self.table_id(table)?;
+        let location = self.catalog().await?.unregister(&id).await?;
+        lock(&self.tables).remove(&id);
+        if location.is_none() {
+            return Ok(false);
+        }
+        let root = storage::table_location(&self.config, &id.namespace, &id.name);
+        self.file_io.delete_prefix(&root).await?;
+        Ok(true)
+    }
+
+    // ---- data ---------------------------------------------------------------------------
+
+    pub async fn write(&self, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
+        write::upsert(self, table, input).await
+    }
+
+    pub async fn read(
+        &self,
+        table: &str,
+        entity_keys: &[&[u8]],
+        features: Option<&[String]>,
+    ) -> Result<ReadOutput> {
+        let id = self.table_id(table)?;
+        let mut keys = LargeBinaryBuilder::with_capacity(entity_keys.len(), entity_keys.len() * 24);
+        for k in entity_keys {
+            keys.append_value(serialize_entity_key(&decode_entity_key(k)?)?);
+        }
+        let keys = keys.finish();
+        let refresh = self.config.metadata_refresh();
+        let state = self.current(&id, refresh).await?;
+        match read::lookup(&state, &self.files, &self.file_io, &keys, features).await {
+            // A file vanished under us (expired by another process): refresh and retry once.
+            Err(Error::Storage(_)) => {
+                let state = self.current(&id, Duration::ZERO).await?;
+                read::lookup(&state, &self.files, &self.file_io, &keys, features).await
+            }
+            other => other,
+        }
+    }
+
+    pub async fn stats(&self, table: &str) -> Result<TableStats> {
+        let id = self.table_id(table)?;
+        let state = self.current(&id, Duration::ZERO).await?;
+        Ok(TableStats {
+            snapshot_id: state.metadata.current_snapshot_id(),
+            snapshots: state.metadata.snapshots().count(),
+            data_files: state.files.data.len(),
+            delete_files: state.files.delete_files,
+            records: state.files.total_records(),
+            data_bytes: state.files.total_bytes(),
+            metadata_location: state.metadata_location.clone(),
+            metadata_log: state.metadata.metadata_log().len(),
+        })
+    }
+
+    /// Expires snapshots past retention now, with a metadata-only commit. Returns how many
+    /// snapshots were expired.
+    pub async fn expire(&self, table: &str) -> Result<usize> {
+        let id = self.table_id(table)?;
+        for _ in 0..=self.config.commit_max_retries {
+            let state = self.current(&id, Duration::ZERO).await?;
+            let expire = self.expirable(&state.metadata, false);
+            if expire.is_empty() {
+                return Ok(0);
+            }
+            let prepared = write::prepare(
+                &self.file_io,
+                &state,
+                Changes {
+                    expire: expire.clone(),
+                    ..Changes::default()
+                },
+            )
+            .await?;
+            match self.swap(&state, &prepared).await? {
+                Some(new_state) => {
+                    self.after_commit(&state, &new_state, &prepared, &expire, &[])
+                        .await;
+                    return Ok(expire.len());
+                }
+                None => delete_quietly(&self.file_io, &prepared.written).await,
+            };
+        }
+        Err(Error::CommitConflict {
+            table: id.to_string(),
+            attempts: self.config.commit_max_retries + 1,
+        })
+    }
+}

@@ -1,0 +1,163 @@
+//! A loaded table: its metadata, column layout and live data files grouped by bucket.
+//! Everything here is immutable once built; a commit produces a new `TableState`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use iceberg::io::FileIO;
+use iceberg::spec::{
+    DataContentType, Literal, ManifestEntryRef, ManifestList, PrimitiveLiteral, Snapshot,
+    TableMetadata,
+};
+
+use crate::catalog::TableId;
+use crate::error::{Error, Result};
+use crate::schema::Layout;
+
+/// A live data file and the manifest entry that describes it.
+#[derive(Debug)]
+pub struct LiveFile {
+    pub entry: ManifestEntryRef,
+    pub bucket: Option<i32>,
+}
+
+impl LiveFile {
+    pub fn path(&self) -> &str {
+        self.entry.file_path()
+    }
+}
+
+/// The files one snapshot references.
+#[derive(Debug, Default)]
+pub struct SnapshotFiles {
+    pub snapshot_id: Option<i64>,
+    pub manifest_list: Option<String>,
+    pub manifests: Vec<String>,
+    pub data: Vec<Arc<LiveFile>>,
+    by_bucket: HashMap<i32, Vec<Arc<LiveFile>>>,
+    /// Files whose partition is not our bucket (written by another engine or layout): every
+    /// lookup has to consult them.
+    unbucketed: Vec<Arc<LiveFile>>,
+    /// Position-delete or equality-delete files: we never write them, and our reads do not
+    /// apply them yet, so their presence is reported rather than silently ignored.
+    pub delete_files: usize,
+}
+
+impl SnapshotFiles {
+    pub async fn load(file_io: &FileIO, md: &TableMetadata, snapshot: &Snapshot) -> Result<Self> {
+        let bytes = file_io.new_input(snapshot.manifest_list())?.read().await?;
+        let list = ManifestList::parse_with_version(&bytes, md.format_version())?;
+        let mut out = Self {
+            snapshot_id: Some(snapshot.snapshot_id()),
+            manifest_list: Some(snapshot.manifest_list().to_string()),
+            ..Self::default()
+        };
+        for manifest_file in list.entries() {
+            out.manifests.push(manifest_file.manifest_path.clone());
+            let manifest = manifest_file.load_manifest(file_io).await?;
+            for entry in manifest.entries() {
+                if !entry.is_alive() {
+                    continue;
+                }
+                if entry.content_type() != DataContentType::Data {
+                    out.delete_files += 1;
+                    continue;
+                }
+                let bucket = bucket_of(entry);
+                let file = Arc::new(LiveFile {
+                    entry: entry.clone(),
+                    bucket,
+                });
+                match bucket {
+                    Some(b) => out.by_bucket.entry(b).or_default().push(file.clone()),
+                    None => out.unbucketed.push(file.clone()),
+                }
+                out.data.push(file);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every file that may hold a key of bucket `b`.
+    pub fn files_for_bucket(&self, b: i32) -> impl Iterator<Item = &Arc<LiveFile>> {
+        self.by_bucket
+            .get(&b)
+            .into_iter()
+            .flatten()
+            .chain(self.unbucketed.iter())
+    }
+
+    pub fn unbucketed_count(&self) -> usize {
+        self.unbucketed.len()
+    }
+
+    pub fn total_records(&self) -> u64 {
+        self.data.iter().map(|f| f.entry.record_count()).sum()
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.data.iter().map(|f| f.entry.file_size_in_bytes()).sum()
+    }
+}
+
+fn bucket_of(entry: &ManifestEntryRef) -> Option<i32> {
+    // Our spec has exactly one field, bucket[N](entity_key); anything else is "unbucketed".
+    let fields = entry.data_file().partition().fields();
+    match fields {
+        [Some(Literal::Primitive(PrimitiveLiteral::Int(b)))] => Some(*b),
+        _ => None,
+    }
+}
+
+/// A table as of one metadata version.
+#[derive(Debug)]
+pub struct TableState {
+    pub id: TableId,
+    pub metadata_location: String,
+    pub metadata: Arc<TableMetadata>,
+    pub layout: Arc<Layout>,
+    pub files: Arc<SnapshotFiles>,
+    /// When the catalog last confirmed this is the current version.
+    pub checked_at: Instant,
+}
+
+impl TableState {
+    pub async fn load(file_io: &FileIO, id: TableId, metadata_location: String) -> Result<Self> {
+        let shown = id.to_string();
+        let corrupt = |e: Error| match e {
+            Error::CorruptTable { detail, .. } => Error::corrupt(&shown, detail),
+            Error::Storage(m) => {
+                Error::corrupt(&shown, format!("cannot read {metadata_location}: {m}"))
+            }
+            other => other,
+        };
+        let metadata = TableMetadata::read_from(file_io, &metadata_location)
+            .await
+            .map_err(|e| corrupt(e.into()))?;
+        Self::from_metadata(file_io, id, metadata_location.clone(), Arc::new(metadata))
+            .await
+            .map_err(corrupt)
+    }
+
+    pub async fn from_metadata(
+        file_io: &FileIO,
+        id: TableId,
+        metadata_location: String,
+        metadata: Arc<TableMetadata>,
+    ) -> Result<Self> {
+        let layout = Arc::new(Layout::from_metadata(&metadata)?);
+        let files = match metadata.current_snapshot() {
+            Some(s) => SnapshotFiles::load(file_io, &metadata, s).await?,
+            None => SnapshotFiles::default(),
+        };
+        Ok(Self {
+            id,
+            metadata_location,
+            metadata,
+            layout,
+            files: Arc::new(files),
+            checked_at: Instant::now(),
+        })
+    }
+}

@@ -1,0 +1,258 @@
+//! Building an Iceberg overwrite snapshot from public iceberg-rust pieces.
+//!
+//! iceberg-rust 0.10 only offers `fast_append`; its `TransactionAction` and `TableCommit::build`
+//! are crate-private. This module writes the manifest, manifest list and new metadata itself.
+//! Replace with the upstream OverwriteAction once apache/iceberg-rust PR #2185 (epic #2269)
+//! ships in a release.
+//!
+//! Every snapshot gets a single data manifest listing ADDED, DELETED and EXISTING entries. With
+//! copy-on-write buckets a table has one or a few files per bucket, so rewriting the manifest
+//! costs less than tracking several and keeps reads to one manifest.
+
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use iceberg::io::FileIO;
+use iceberg::spec::{
+    DataFile, MAIN_BRANCH, ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot,
+    SnapshotReference, SnapshotRetention, Summary, TableMetadata,
+};
+use iceberg::{MetadataLocation, TableUpdate};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::table::{LiveFile, TableState};
+
+/// A new metadata version, written to storage but not yet committed.
+#[derive(Debug)]
+pub struct PreparedCommit {
+    pub metadata: TableMetadata,
+    pub metadata_location: String,
+    /// Metadata files that fell out of the metadata log; delete after a successful commit.
+    pub expired_metadata: Vec<String>,
+    /// Files this attempt wrote (manifests, list, metadata.json); delete if the commit fails.
+    pub written: Vec<String>,
+    pub snapshot_id: Option<i64>,
+}
+
+fn new_snapshot_id(md: &TableMetadata) -> i64 {
+    loop {
+        let (a, b) = Uuid::new_v4().as_u64_pair();
+        let id = ((a ^ b) >> 1) as i64;
+        if id != 0 && md.snapshot_by_id(id).is_none() {
+            return id;
+        }
+    }
+}
+
+fn summary(
+    base: &TableState,
+    added: &[DataFile],
+    removed: &[Arc<LiveFile>],
+    buckets_changed: usize,
+) -> Summary {
+    let sum = |it: &mut dyn Iterator<Item = u64>| it.sum::<u64>();
+    let added_records = sum(&mut added.iter().map(DataFile::record_count));
+    let added_bytes = sum(&mut added.iter().map(DataFile::file_size_in_bytes));
+    let removed_records = sum(&mut removed.iter().map(|f| f.entry.record_count()));
+    let removed_bytes = sum(&mut removed.iter().map(|f| f.entry.file_size_in_bytes()));
+    let total_records = base.files.total_records() + added_records - removed_records;
+    let total_bytes = base.files.total_bytes() + added_bytes - removed_bytes;
+    let total_files = base.files.data.len() + added.len() - removed.len();
+    let props = [
+        ("added-data-files", added.len() as u64),
+        ("deleted-data-files", removed.len() as u64),
+        ("added-records", added_records),
+        ("deleted-records", removed_records),
+        ("added-files-size", added_bytes),
+        ("removed-files-size", removed_bytes),
+        ("changed-partition-count", buckets_changed as u64),
+        ("total-records", total_records),
+        ("total-files-size", total_bytes),
+        ("total-data-files", total_files as u64),
+        ("total-delete-files", 0),
+        ("total-position-deletes", 0),
+        ("total-equality-deletes", 0),
+    ];
+    Summary {
+        operation: if removed.is_empty() {
+            Operation::Append
+        } else {
+            Operation::Overwrite
+        },
+        additional_properties: props
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("engine-name".to_string(), "feast-iceberg".to_string())])
+            .collect::<HashMap<_, _>>(),
+    }
+}
+
+/// Writes the manifest and manifest list of a snapshot that adds `added` and removes `removed`
+/// relative to `base`, and returns the snapshot.
+async fn write_snapshot(
+    file_io: &FileIO,
+    base: &TableState,
+    added: Vec<DataFile>,
+    removed: &[Arc<LiveFile>],
+    buckets_changed: usize,
+    written: &mut Vec<String>,
+) -> Result<Snapshot> {
+    let md = &base.metadata;
+    let snapshot_id = new_snapshot_id(md);
+    let seq = md.next_sequence_number();
+    let commit = Uuid::new_v4();
+    let summary = summary(base, &added, removed, buckets_changed);
+
+    let manifest_path = format!("{}/metadata/{commit}-m0.avro", md.location());
+    written.push(manifest_path.clone());
+    let mut manifest = ManifestWriterBuilder::new(
+        file_io.new_output(&manifest_path)?,
+        Some(snapshot_id),
+        md.current_schema().clone(),
+        md.default_partition_spec().as_ref().clone(),
+    )
+    .build_v2_data();
+    let removed_paths: HashSet<&str> = removed.iter().map(|f| f.path()).collect();
+    for f in &base.files.data {
+        let e = &f.entry;
+        let data_seq = e.sequence_number().unwrap_or(0);
+        let file_seq = e.file_sequence_number.or(Some(data_seq));
+        if removed_paths.contains(f.path()) {
+            manifest.add_delete_file(e.data_file().clone(), data_seq, file_seq)?;
+        } else {
+            let origin = e.snapshot_id().unwrap_or(snapshot_id);
+            manifest.add_existing_file(e.data_file().clone(), origin, data_seq, file_seq)?;
+        }
+    }
+    for df in added {
+        manifest.add_file(df, seq)?;
+    }
+    let manifest = manifest.write_manifest_file().await?;
+
+    let list_path = format!(
+        "{}/metadata/snap-{snapshot_id}-1-{commit}.avro",
+        md.location()
+    );
+    written.push(list_path.clone());
+    let mut list = ManifestListWriter::v2(
+        file_io.new_output(&list_path)?.writer().await?,
+        snapshot_id,
+        md.current_snapshot_id(),
+        seq,
+    );
+    list.add_manifests(std::iter::once(manifest))?;
+    list.close().await?;
+
+    Ok(Snapshot::builder()
+        .with_snapshot_id(snapshot_id)
+        .with_parent_snapshot_id(md.current_snapshot_id())
+        .with_sequence_number(seq)
+        .with_timestamp_ms(chrono::Utc::now().timestamp_millis())
+        .with_manifest_list(list_path)
+        .with_summary(summary)
+        .with_schema_id(md.current_schema_id())
+        .build())
+}
+
+/// The changes one commit makes to a table.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub added: Vec<DataFile>,
+    pub removed: Vec<Arc<LiveFile>>,
+    pub buckets_changed: usize,
+    /// Snapshots to drop from the metadata in the same commit (retention).
+    pub expire: Vec<i64>,
+    /// Replaces the metadata before the snapshot is added (schema or property changes).
+    pub metadata: Option<TableMetadata>,
+}
+
+/// Writes snapshot files and the next metadata.json for `changes` on top of `base`. Nothing is
+/// visible to readers until the catalog swap succeeds.
+pub async fn prepare(
+    file_io: &FileIO,
+    base: &TableState,
+    changes: Changes,
+) -> Result<PreparedCommit> {
+    let mut written = Vec::new();
+    let result = prepare_inner(file_io, base, changes, &mut written).await;
+    if result.is_err() {
+        delete_quietly(file_io, &written).await;
+    }
+    result
+}
+
+async fn prepare_inner(
+    file_io: &FileIO,
+    base: &TableState,
+    changes: Changes,
+    written: &mut Vec<String>,
+) -> Result<PreparedCommit> {
+    if base.files.delete_files > 0 {
+        return Err(Error::input(format!(
+            "table {} has delete files, which this version cannot rewrite without losing them; \
+             compact it with another engine first",
+            base.id
+        )));
+    }
+    let start = changes
+        .metadata
+        .unwrap_or_else(|| base.metadata.as_ref().clone());
+    let mut builder = start.into_builder(Some(base.metadata_location.clone()));
+    let mut snapshot_id = None;
+    if !changes.added.is_empty() || !changes.removed.is_empty() {
+        let snapshot = write_snapshot(
+            file_io,
+            base,
+            changes.added,
+            &changes.removed,
+            changes.buckets_changed,
+            written,
+        )
+        .await?;
+        let id = snapshot.snapshot_id();
+        snapshot_id = Some(id);
+        builder = TableUpdate::AddSnapshot { snapshot }.apply(builder)?;
+        builder = TableUpdate::SetSnapshotRef {
+            ref_name: MAIN_BRANCH.to_string(),
+            reference: SnapshotReference::new(id, SnapshotRetention::branch(None, None, None)),
+        }
+        .apply(builder)?;
+    }
+    if !changes.expire.is_empty() {
+        builder = builder.remove_snapshots(&changes.expire);
+    }
+    let built = builder.build()?;
+    let metadata = built.metadata;
+    let location = MetadataLocation::from_str(&base.metadata_location)
+        .map_err(|e| Error::corrupt(&base.id, format!("bad metadata location: {e}")))?
+        .with_next_version()
+        .with_new_metadata(&metadata);
+    let metadata_location = location.to_string();
+    written.push(metadata_location.clone());
+    metadata.write_to(file_io, &location).await?;
+    Ok(PreparedCommit {
+        metadata,
+        metadata_location,
+        expired_metadata: built
+            .expired_metadata_logs
+            .into_iter()
+            .map(|l| l.metadata_file)
+            .collect(),
+        written: std::mem::take(written),
+        snapshot_id,
+    })
+}
+
+/// Best-effort deletion of files nobody references; a miss leaves an orphan for
+/// `remove-orphans`, never a broken table.
+pub async fn delete_quietly(file_io: &FileIO, paths: &[String]) -> usize {
+    let mut deleted = 0;
+    for p in paths {
+        if file_io.delete(p).await.is_ok() {
+            deleted += 1;
+        }
+    }
+    deleted
+}
