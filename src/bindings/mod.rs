@@ -47,6 +47,10 @@ impl Blobs {
     }
 }
 
+/// What `Store.read` hands Python: feature names, event timestamps (micros), and per key the
+/// serialized `Value`s or None.
+type PyReadResult<'py> = (Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>);
+
 /// Runs `f` on the shared runtime with the GIL released.
 fn run<T: Send>(
     py: Python<'_>,
@@ -142,7 +146,7 @@ impl PyStore {
         table: String,
         entity_keys: Vec<Bound<'py, PyBytes>>,
         features: Option<Vec<String>>,
-    ) -> PyResult<(Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>)> {
+    ) -> PyResult<PyReadResult<'py>> {
         let keys = Blobs::from_py(&entity_keys);
         drop(entity_keys);
         let slices = keys.slices();
