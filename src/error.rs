@@ -3,6 +3,9 @@
 
 use std::fmt::Display;
 
+/// Placeholder for errors converted where the table is not known; `in_table` fills it in.
+const UNKNOWN_TABLE: &str = "?";
+
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -29,6 +32,11 @@ pub enum Error {
     /// A file could not be read or written.
     #[error("storage error: {0}")]
     Storage(String),
+    /// A file the loaded metadata references is gone: usually another process expired the
+    /// snapshot we planned on (reload and retry); if the current metadata still references it,
+    /// the table is corrupt.
+    #[error("file not found: {0}")]
+    FileNotFound(String),
     /// Metadata or files referenced by it are unreadable or inconsistent.
     #[error("corrupt table {table}: {detail}")]
     CorruptTable { table: String, detail: String },
@@ -66,6 +74,26 @@ impl Error {
         }
     }
 
+    /// A missing file that the current metadata still references: the table is damaged.
+    #[must_use]
+    pub fn missing_is_corrupt(self, table: impl Display) -> Self {
+        match self {
+            Self::FileNotFound(detail) => Self::corrupt(table, detail),
+            other => other.in_table(table),
+        }
+    }
+
+    /// Names the table in errors raised below the store, which do not know it.
+    #[must_use]
+    pub fn in_table(self, table: impl Display) -> Self {
+        match self {
+            Self::CorruptTable { table: t, detail } if t == UNKNOWN_TABLE => {
+                Self::corrupt(table, detail)
+            }
+            other => other,
+        }
+    }
+
     /// Adds the operation and table to a message so errors say where they happened.
     #[must_use]
     pub fn context(self, what: impl Display) -> Self {
@@ -76,6 +104,7 @@ impl Error {
             Self::InvalidInput(m) => Self::InvalidInput(wrap(m)),
             Self::Catalog(m) => Self::Catalog(wrap(m)),
             Self::Storage(m) => Self::Storage(wrap(m)),
+            Self::FileNotFound(m) => Self::FileNotFound(wrap(m)),
             Self::Internal(m) => Self::Internal(wrap(m)),
             other => other,
         }
@@ -88,9 +117,12 @@ impl From<iceberg::Error> for Error {
     fn from(err: iceberg::Error) -> Self {
         use iceberg::ErrorKind as K;
         let msg = format!("{err:#}");
+        if crate::storage::is_not_found(&err) {
+            return Self::FileNotFound(msg);
+        }
         match err.kind() {
             K::DataInvalid => Self::CorruptTable {
-                table: "?".into(),
+                table: UNKNOWN_TABLE.into(),
                 detail: msg,
             },
             K::FeatureUnsupported => Self::InvalidInput(msg),

@@ -111,11 +111,30 @@ impl Store {
                 files: s.files.clone(),
                 checked_at: Instant::now(),
             }),
-            _ => Arc::new(TableState::load(&self.file_io, id.clone(), location).await?),
+            _ => Arc::new(self.load_state(id, location).await?),
         };
         self.remember_snapshot(&state);
         self.install(state.clone());
         Ok(state)
+    }
+
+    /// Loads a metadata version. If it vanished between the catalog lookup and the read,
+    /// another writer replaced and deleted it: load the one the catalog names now.
+    async fn load_state(&self, id: &TableId, location: String) -> Result<TableState> {
+        match TableState::load(&self.file_io, id.clone(), location.clone()).await {
+            Err(Error::FileNotFound(detail)) => {
+                match self.catalog().await?.metadata_location(id).await? {
+                    Some(now) if now != location => {
+                        TableState::load(&self.file_io, id.clone(), now)
+                            .await
+                            .map_err(|e| e.missing_is_corrupt(id))
+                    }
+                    Some(_) => Err(Error::corrupt(id, detail)),
+                    None => Err(Error::TableNotFound(id.to_string())),
+                }
+            }
+            other => other.map_err(|e| e.in_table(id)),
+        }
     }
 
     fn remember_snapshot(&self, state: &TableState) {
@@ -439,7 +458,35 @@ impl Store {
         write::upsert(self, table, input).await
     }
 
+    /// Point lookups, bounded by `read_timeout_ms` when one is configured. On a deadline the
+    /// in-flight work is dropped (reads have no side effects besides filling caches).
     pub async fn read(
+        &self,
+        table: &str,
+        entity_keys: &[&[u8]],
+        features: Option<&[String]>,
+    ) -> Result<ReadOutput> {
+        let Some(timeout_ms) = self.config.read_timeout_ms else {
+            return self.read_unbounded(table, entity_keys, features).await;
+        };
+        let deadline = Duration::from_millis(timeout_ms);
+        let started = Instant::now();
+        let timed_out = || Error::ReadTimeout {
+            table: table.to_string(),
+            timeout_ms,
+        };
+        let out = tokio::time::timeout(deadline, self.read_unbounded(table, entity_keys, features))
+            .await
+            .map_err(|_| timed_out())??;
+        // Local-filesystem reads never yield to the timer, so a late result is caught here:
+        // the deadline means the same on every storage.
+        if started.elapsed() > deadline {
+            return Err(timed_out());
+        }
+        Ok(out)
+    }
+
+    async fn read_unbounded(
         &self,
         table: &str,
         entity_keys: &[&[u8]],
@@ -455,11 +502,13 @@ impl Store {
         let state = self.current(&id, refresh).await?;
         match read::lookup(&state, &self.files, &self.file_io, &keys, features).await {
             // A file vanished under us (expired by another process): refresh and retry once.
-            Err(Error::Storage(_)) => {
+            Err(Error::FileNotFound(_)) => {
                 let state = self.current(&id, Duration::ZERO).await?;
-                read::lookup(&state, &self.files, &self.file_io, &keys, features).await
+                read::lookup(&state, &self.files, &self.file_io, &keys, features)
+                    .await
+                    .map_err(|e| e.missing_is_corrupt(&id))
             }
-            other => other,
+            other => other.map_err(|e| e.in_table(&id)),
         }
     }
 

@@ -138,7 +138,7 @@ pub fn to_py(err: Error) -> PyErr {
             Error::TableNotFound(_) => &c.not_found,
             Error::CommitConflict { .. } => &c.conflict,
             Error::Catalog(_) => &c.catalog,
-            Error::Storage(_) => &c.storage,
+            Error::Storage(_) | Error::FileNotFound(_) => &c.storage,
             Error::CorruptTable { .. } => &c.corrupt,
             Error::ReadTimeout { .. } => &c.timeout,
             Error::Internal(_) => &c.base,

@@ -240,7 +240,19 @@ pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Resul
     let mut groups = winners_by_bucket(&incoming, &state.layout)?;
     let attempts = store.config.commit_max_retries + 1;
     for attempt in 1..=attempts {
-        match try_commit(store, &state, &incoming, &groups).await? {
+        let outcome = match try_commit(store, &state, &incoming, &groups).await {
+            // A file of the snapshot we planned on is gone: another writer committed and
+            // expired it. That is a conflict, unless the catalog still names our snapshot.
+            Err(Error::FileNotFound(detail)) => {
+                let fresh = store.current(&id, Duration::ZERO).await?;
+                if fresh.metadata_location == state.metadata_location {
+                    return Err(Error::corrupt(&id, detail));
+                }
+                Attempt::Conflict
+            }
+            other => other.map_err(|e| e.in_table(&id))?,
+        };
+        match outcome {
             Attempt::Committed(mut report) => {
                 report.attempts = attempt;
                 return Ok(report);
