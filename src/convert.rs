@@ -25,6 +25,9 @@ use crate::schema::{Column, ColumnKind, Layout, Scalar};
 
 const MICROS_PER_SECOND: i64 = 1_000_000;
 
+/// The `Value` oneof field of `null_val`.
+const NULL_TAG: u32 = 19;
+
 /// Feast's NaN timestamp: `unix_timestamp_val = -2**63`, kept as the same instant in microseconds
 /// so it round-trips instead of overflowing.
 const NAN_TIMESTAMP: i64 = i64::MIN;
@@ -122,7 +125,7 @@ fn decode_typed(col: &Column, expected: u32, cells: &[&[u8]]) -> Result<Vec<Opti
     cells
         .iter()
         .map(|bytes| match proto::value_tag(bytes) {
-            None | Some(19) => Ok(None),
+            None | Some(NULL_TAG) => Ok(None),
             Some(tag) if tag == expected => Value::decode(*bytes)
                 .map(|v| v.val)
                 .map_err(|e| Error::input(format!("feature {:?}: bad Value proto: {e}", col.name))),
@@ -275,11 +278,12 @@ fn list_column(s: Scalar, dt: &DataType, vals: Vec<Option<Val>>, name: &str) -> 
     })
 }
 
-/// The serialized protos as-is; unset values are nulls.
+/// The serialized protos as-is; unset values and explicit `null_val`s are nulls, as in typed
+/// columns, so SQL engines see NULL and reads return an unset `Value`.
 fn proto_column(cells: &[&[u8]]) -> ArrayRef {
     let mut b = LargeBinaryBuilder::new();
     for c in cells {
-        if c.is_empty() {
+        if matches!(proto::value_tag(c), None | Some(NULL_TAG)) {
             b.append_null();
         } else {
             b.append_value(c);
