@@ -121,7 +121,9 @@ def show(title: str, online: pd.DataFrame) -> None:
 def main() -> int:
     shutil.rmtree(DATA, ignore_errors=True)
     DATA.mkdir()
-    base = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=6)
+    base = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(
+        hours=6
+    )
     first_hours = [base + timedelta(hours=h) for h in range(4)]
     later_hours = [base + timedelta(hours=h) for h in range(4, 6)]
 
@@ -135,7 +137,10 @@ def main() -> int:
     feast("materialize", start.isoformat(), end.isoformat())
 
     online = read_online(DRIVERS)
-    show(f"online features after `feast materialize` (newest hour: {first_hours[-1]:%H:%M} UTC):", online)
+    show(
+        f"online features after `feast materialize` (newest hour: {first_hours[-1]:%H:%M} UTC):",
+        online,
+    )
     errors = check("materialize", online, newest_per_driver(first))
 
     # 2. Two newer hours arrive in the source; an incremental materialization upserts them.
@@ -145,7 +150,9 @@ def main() -> int:
     feast("materialize-incremental", (later_hours[-1] + timedelta(minutes=1)).isoformat())
 
     online = read_online(DRIVERS)
-    show(f"after `feast materialize-incremental` (newest hour: {later_hours[-1]:%H:%M} UTC):", online)
+    show(
+        f"after `feast materialize-incremental` (newest hour: {later_hours[-1]:%H:%M} UTC):", online
+    )
     errors += check("materialize-incremental", online, newest_per_driver(everything))
 
     # 3. Upsert, not append: the table holds one live row per driver.

@@ -14,7 +14,7 @@ class ConfigError(FeastIcebergError, ValueError):
     """The store configuration is invalid (unknown catalog type, bad URI, bad option)."""
 
 class SchemaMismatchError(FeastIcebergError, ValueError):
-    """A batch or request does not fit the table schema (unknown or missing feature, type change)."""
+    """A batch or request does not fit the table schema (unknown/missing feature, type change)."""
 
 class InvalidInputError(FeastIcebergError, ValueError):
     """A value is malformed or has the wrong type for its column."""

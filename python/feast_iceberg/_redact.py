@@ -6,7 +6,9 @@ import re
 from collections.abc import Mapping
 
 _SECRET_KEY = re.compile(r"(secret|password|token|credential|session|key-id|access-key)", re.I)
-_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]*)@", re.I)
+_URI_PASSWORD = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]*)@", re.I
+)
 
 REDACTED = "***"
 

@@ -14,6 +14,7 @@ from feast.repo_config import FeastConfigBaseModel
 from pydantic import Field, StrictStr, field_validator
 
 from ._redact import redact_mapping, redact_uri
+from .exceptions import ConfigError
 
 DEFAULT_CATALOG_FILE = "data/iceberg_catalog.db"
 DEFAULT_WAREHOUSE = "data/iceberg_warehouse"
@@ -38,8 +39,8 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     """Catalog URI. Default: `sqlite:///<repo>/data/iceberg_catalog.db`."""
 
     warehouse: StrictStr | None = None
-    """Warehouse root: a local path or `file://`/`s3://` URI. Default `<repo>/data/iceberg_warehouse`;
-    relative paths are taken from the repo directory."""
+    """Warehouse root: a local path or `file://`/`s3://` URI.
+    Default `<repo>/data/iceberg_warehouse`; relative paths are taken from the repo directory."""
 
     namespace: StrictStr = "feast_online"
 
@@ -93,7 +94,8 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
         if self.partition_strategy != "entity_hash":
             warnings.warn(
                 f"partition_strategy={self.partition_strategy!r} is ignored: feast-iceberg always "
-                "partitions by bucket[N](entity_key) so every lookup and upsert touches one bucket.",
+                "partitions by bucket[N](entity_key) so every lookup and upsert touches one "
+                "bucket.",
                 stacklevel=3,
             )
         base = Path(repo_path) if repo_path else Path.cwd()
@@ -128,7 +130,10 @@ def _resolve_sqlite_uri(uri: str, base: Path) -> str:
     p = Path(path)
     if not p.is_absolute():
         p = base / p
-    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the directory of the sqlite catalog {p}: {e}") from e
     return f"sqlite:///{p.resolve()}" + (sep + query if sep else "")
 
 

@@ -69,9 +69,7 @@ class _StoreCache:
             raise ConfigError(
                 f"online_store config is {type(online).__name__}, expected IcebergOnlineStoreConfig"
             )
-        store_json = online.to_store_json(
-            config.repo_path, config.entity_key_serialization_version
-        )
+        store_json = online.to_store_json(config.repo_path, config.entity_key_serialization_version)
         key = (os.getpid(), store_json)
         store = self._stores.get(key)
         if store is None:
@@ -146,11 +144,13 @@ class IcebergOnlineStore(OnlineStore):
         )
         parse = ValueProto.FromString
         result: ReadResult = []
-        for ts, row in zip(timestamps, rows):
+        for ts, row in zip(timestamps, rows, strict=False):
             if ts is None or row is None:
                 result.append((None, None))
             else:
-                result.append((_from_micros(ts), {n: parse(v) for n, v in zip(names, row)}))
+                result.append(
+                    (_from_micros(ts), {n: parse(v) for n, v in zip(names, row, strict=False)})
+                )
         return result
 
     async def online_read_async(
