@@ -33,8 +33,6 @@ def repo_config(repo: Path, **online: Any) -> RepoConfig:
         "type": "feast_iceberg.IcebergOnlineStore",
         "uri": f"sqlite:///{repo / 'data' / 'catalog.db'}",
         "warehouse": str(repo / "data" / "warehouse"),
-        # Tests check outcomes at once; readers in tests need no grace period.
-        "snapshot_retention_seconds": 0,
     }
     store.update(online)
     return RepoConfig(

@@ -63,9 +63,10 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     snapshot_retention_count: int = Field(default=1, ge=1)
     """Snapshots always kept (the current one counts)."""
 
-    snapshot_retention_seconds: float = Field(default=1.0, ge=0)
+    snapshot_retention_seconds: float = Field(default=0.0, ge=0)
     """Grace period: a replaced snapshot and its files are kept this long after it stopped being
-    current, so readers that cached it keep working until they refresh."""
+    current. feast-iceberg's own readers need none (a file deleted under them makes them refresh
+    and retry); raise it for other engines' scans that outlive a materialization."""
 
     metadata_previous_versions_max: int = Field(default=5, ge=1)
     """metadata.json files kept besides the current one."""
