@@ -168,3 +168,33 @@ def test_update_drops_and_teardown_removes_tables(env: Env) -> None:
     assert names == {"test_b_view_online"}
     env.store.teardown(env.config, [b], [])
     assert catalog.list_tables("feast_online") == []
+
+
+def test_commits_stay_visible_when_python_sqlite_shares_the_process(env: Env) -> None:
+    """PyIceberg and Feast open the SQLite catalog with Python's own sqlite3 library; closing
+    those connections must not hide our later commits from other readers."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    view = driver_view()
+    env.apply(view)
+    db = env.repo / "data" / "catalog.db"
+    query = "SELECT metadata_location FROM iceberg_tables"
+    for version in range(3):
+        env.write(view, [driver_row(i, version) for i in range(10)])
+        with sqlite3.connect(db) as conn:  # opened and closed in this process, like PyIceberg
+            (location,) = conn.execute(query).fetchone()
+        conn.close()
+        assert location == env.stats(view)["metadata_location"]
+    other_process = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sqlite3; print(sqlite3.connect({str(db)!r}).execute({query!r}).fetchone()[0])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert other_process.stdout.strip() == env.stats(view)["metadata_location"]

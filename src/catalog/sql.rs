@@ -105,11 +105,17 @@ impl SqlCatalog {
 
     async fn init(&self, is_sqlite: bool) -> Result<()> {
         if is_sqlite {
-            // WAL lets readers (PyIceberg, our read path) proceed during a commit.
+            // Not WAL: this library and Python's own sqlite3 (PyIceberg, Feast) are two copies
+            // of SQLite in one process, and POSIX locks are per process. When the Python side
+            // closed its last connection it took itself for the last user, checkpointed and
+            // deleted the -wal/-shm files our open connections kept writing to: later commits
+            // went into a deleted file, invisible to every other reader and lost at exit. The
+            // rollback journal (SQLite's default, PyIceberg's too) writes commits to the
+            // database file itself. Converts catalogs an earlier version left in WAL mode.
             self.pool
-                .execute("PRAGMA journal_mode = WAL")
+                .execute("PRAGMA journal_mode = DELETE")
                 .await
-                .map_err(|e| self.err("enable WAL", &e))?;
+                .map_err(|e| self.err("set the rollback journal", &e))?;
         }
         for ddl in [CREATE_TABLES, CREATE_NAMESPACES] {
             self.pool
