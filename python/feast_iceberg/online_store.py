@@ -57,11 +57,15 @@ def _from_micros(micros: int) -> datetime:
 
 
 class _StoreCache:
-    """One Rust `Store` per (process, config): connections never cross a fork."""
+    """One Rust `Store` per (process, config): connections never cross a fork.
+
+    Looked up on every read, so the key is what pydantic serializes in microseconds; the core's
+    config (paths resolved against the repo, directories created) is built only on a miss.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._stores: dict[tuple[int, str], _internal.Store] = {}
+        self._stores: dict[tuple[int, str, int, str], _internal.Store] = {}
 
     def get(self, config: RepoConfig) -> _internal.Store:
         online = config.online_store
@@ -69,16 +73,16 @@ class _StoreCache:
             raise ConfigError(
                 f"online_store config is {type(online).__name__}, expected IcebergOnlineStoreConfig"
             )
-        store_json = online.to_store_json(config.repo_path, config.entity_key_serialization_version)
-        key = (os.getpid(), store_json)
+        version = config.entity_key_serialization_version
+        key = (os.getpid(), str(config.repo_path), version, online.model_dump_json())
         store = self._stores.get(key)
         if store is None:
             with self._lock:
                 store = self._stores.get(key)
                 if store is None:
-                    if any(pid != key[0] for pid, _ in self._stores):
+                    if any(k[0] != key[0] for k in self._stores):
                         self._stores.clear()
-                    store = _internal.Store(store_json)
+                    store = _internal.Store(online.to_store_json(config.repo_path, version))
                     self._stores[key] = store
         return store
 
