@@ -35,6 +35,13 @@ pub struct StoreConfig {
     pub metadata_previous_versions_max: usize,
     pub commit_max_retries: u32,
     pub entity_key_serialization_version: u32,
+    /// Byte budget of the decoded data-file cache of the read path.
+    #[serde(default = "default_read_cache_bytes")]
+    pub read_cache_bytes: usize,
+}
+
+fn default_read_cache_bytes() -> usize {
+    512 << 20
 }
 
 impl StoreConfig {

@@ -24,9 +24,6 @@ use crate::storage;
 use crate::table::{LiveFile, SnapshotFiles, TableState};
 use crate::write::{self, Changes, PreparedCommit, WriteReport, delete_quietly};
 
-/// Decoded-file cache budget.
-const FILE_CACHE_BYTES: usize = 1 << 30;
-
 pub struct Store {
     pub(crate) config: StoreConfig,
     pub(crate) file_io: FileIO,
@@ -57,10 +54,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Store {
     pub fn new(config: StoreConfig) -> Result<Self> {
         let file_io = storage::file_io(&config)?;
+        let files = Arc::new(FileCache::new(config.read_cache_bytes));
         Ok(Self {
             config,
             file_io,
-            files: Arc::new(FileCache::new(FILE_CACHE_BYTES)),
+            files,
             catalog: OnceCell::new(),
             tables: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),

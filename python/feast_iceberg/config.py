@@ -74,6 +74,10 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     commit_max_retries: int = Field(default=20, ge=0)
     """How often a conflicting commit is re-planned before `CommitConflictError`."""
 
+    read_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
+    """Memory budget of decoded data files kept for point reads (least recently loaded evicted
+    first; one file is always kept). Size it to the online data for the fastest reads."""
+
     @field_validator("storage_options", mode="before")
     @classmethod
     def _stringify_options(cls, value: Any) -> Any:
@@ -119,6 +123,7 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
                 "snapshot_retention_seconds": self.snapshot_retention_seconds,
                 "metadata_previous_versions_max": self.metadata_previous_versions_max,
                 "commit_max_retries": self.commit_max_retries,
+                "read_cache_bytes": self.read_cache_bytes,
                 "entity_key_serialization_version": entity_key_serialization_version,
             }
         )

@@ -1,0 +1,122 @@
+"""Read path behaviour: the GIL is released, another process's commits become visible within
+metadata_refresh_seconds (our own at once), and Feast's async path is served."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import Env, driver_key, driver_row, driver_view, expected_values, plain, repo_config
+from feast_iceberg import _internal
+
+
+def trips(result: tuple) -> int | None:
+    _, feats = result
+    return None if feats is None else plain(feats["trips"])
+
+
+def _spin(seconds: float) -> int:
+    """Pure-Python work: how many loop turns fit in `seconds` of wall time."""
+    turns, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        turns += 1
+    return turns
+
+
+def test_other_python_threads_run_while_rust_reads(env: Env) -> None:
+    view = driver_view()
+    env.apply(view)
+    env.write(view, [driver_row(i, 1) for i in range(5000)])
+    store_json = env.config.online_store.to_store_json(env.repo, 3)
+    keys = [driver_key(i).SerializeToString() for i in range(0, 5000, 10)]
+
+    # Cold reads (a new Store: catalog connection, metadata, manifests and every bucket's file
+    # loaded) spend milliseconds in Rust per call. A thread of pure Python beside them only
+    # progresses while the reading thread does not hold the GIL.
+    stop = threading.Event()
+    turns = 0
+
+    def spin_until_stopped() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += _spin(0.01)
+
+    spinner = threading.Thread(target=spin_until_stopped)
+    spinner.start()
+    started = time.perf_counter()
+    for _ in range(10):
+        _, timestamps, _ = _internal.Store(store_json).read("test_driver_stats_online", keys, None)
+        assert all(t is not None for t in timestamps)
+    elapsed = time.perf_counter() - started
+    stop.set()
+    spinner.join()
+    alone = _spin(0.3) / 0.3
+    # Holding the GIL through the reads would leave the spinner a sliver of the time.
+    assert turns / elapsed > 0.4 * alone, (turns / elapsed, alone, elapsed)
+
+
+def _commit_in_child(repo: str) -> None:
+    from feast_iceberg import IcebergOnlineStore
+
+    config = repo_config(Path(repo))
+    IcebergOnlineStore().online_write_batch(config, driver_view(), [driver_row(1, 2)], None)
+
+
+def test_another_process_commit_is_visible_within_the_refresh_interval(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(metadata_refresh_seconds=0.5)
+    view = driver_view()
+    env.apply(view)
+    env.write(view, [driver_row(1, 1)])
+    # Our own commit is visible at once.
+    assert trips(env.read(view, [driver_key(1)])[0]) == expected_values(1, 1)["trips"]
+
+    child = multiprocessing.get_context("spawn").Process(
+        target=_commit_in_child, args=(str(env.repo),)
+    )
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    committed_at = time.monotonic()
+    seen = None
+    while time.monotonic() - committed_at < 5:
+        seen = trips(env.read(view, [driver_key(1)])[0])
+        if seen == expected_values(1, 2)["trips"]:
+            break
+        time.sleep(0.02)
+    assert seen == expected_values(1, 2)["trips"]
+    assert time.monotonic() - committed_at <= 0.5 + 0.3
+
+
+def test_online_read_async_matches_online_read(env: Env) -> None:
+    view = driver_view()
+    env.apply(view)
+    env.write(view, [driver_row(i, 1) for i in range(50)])
+    keys = [driver_key(i) for i in (3, 99, 7, 3)]
+    assert env.store.async_supported.read
+
+    async def many() -> list:
+        return await asyncio.gather(
+            *(env.store.online_read_async(env.config, view, keys, ["trips"]) for _ in range(8))
+        )
+
+    results = asyncio.run(many())
+    expected = env.read(view, keys, ["trips"])
+    assert all(r == expected for r in results)
+    want = [expected_values(3, 1)["trips"], None, expected_values(7, 1)["trips"]]
+    assert [trips(r) for r in expected] == [*want, want[0]]
+
+
+def test_a_tiny_read_cache_still_answers_correctly(make_env: Callable[..., Env]) -> None:
+    env = make_env(read_cache_bytes=1)
+    view = driver_view()
+    env.apply(view)
+    env.write(view, [driver_row(i, 1) for i in range(500)])
+    for _ in range(2):
+        results = env.read(view, [driver_key(i) for i in range(500)])
+        assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in range(500)]
