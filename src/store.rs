@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::maintenance;
 use crate::read::{self, FileCache, ReadOutput};
 use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
-use crate::storage;
+use crate::storage::{self, IoStats};
 use crate::table::{LiveFile, SnapshotFiles, TableState};
 use crate::write::{self, Changes, PreparedCommit, WriteReport, delete_quietly};
 
@@ -28,6 +28,7 @@ pub struct Store {
     pub(crate) config: StoreConfig,
     pub(crate) file_io: FileIO,
     pub(crate) files: Arc<FileCache>,
+    pub(crate) io: Arc<IoStats>,
     catalog: OnceCell<Arc<dyn Catalog>>,
     tables: Mutex<HashMap<TableId, Arc<TableState>>>,
     /// Files of snapshots we have read, by manifest-list path (unique per snapshot).
@@ -59,6 +60,7 @@ impl Store {
             config,
             file_io,
             files,
+            io: Arc::new(IoStats::default()),
             catalog: OnceCell::new(),
             tables: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
@@ -119,11 +121,18 @@ impl Store {
     /// Loads a metadata version. If it vanished between the catalog lookup and the read,
     /// another writer replaced and deleted it: load the one the catalog names now.
     async fn load_state(&self, id: &TableId, location: String) -> Result<TableState> {
-        match TableState::load(&self.file_io, id.clone(), location.clone()).await {
+        match TableState::load(
+            &self.file_io,
+            &self.io.metadata,
+            id.clone(),
+            location.clone(),
+        )
+        .await
+        {
             Err(Error::FileNotFound(detail)) => {
                 match self.catalog().await?.metadata_location(id).await? {
                     Some(now) if now != location => {
-                        TableState::load(&self.file_io, id.clone(), now)
+                        TableState::load(&self.file_io, &self.io.metadata, id.clone(), now)
                             .await
                             .map_err(|e| e.missing_is_corrupt(id))
                     }
@@ -152,7 +161,8 @@ impl Store {
         if let Some(hit) = lock(&self.snapshots).get(snapshot.manifest_list()) {
             return Ok(Some(hit.clone()));
         }
-        let files = Arc::new(SnapshotFiles::load(&self.file_io, md, snapshot).await?);
+        let files =
+            Arc::new(SnapshotFiles::load(&self.file_io, md, snapshot, &self.io.metadata).await?);
         lock(&self.snapshots).insert(snapshot.manifest_list().to_string(), files.clone());
         Ok(Some(files))
     }
@@ -190,6 +200,7 @@ impl Store {
         let state = Arc::new(
             TableState::from_metadata(
                 &self.file_io,
+                &self.io.metadata,
                 base.id.clone(),
                 prepared.metadata_location.clone(),
                 Arc::new(prepared.metadata.clone()),
@@ -273,6 +284,10 @@ impl Store {
             (
                 "write.parquet.bloom-filter-enabled.column.entity_key",
                 "true".to_string(),
+            ),
+            (
+                "write.parquet.bloom-filter-fpp.column.entity_key",
+                "0.05".to_string(),
             ),
             ("write.parquet.row-group-limit", "16384".to_string()),
             ("write.parquet.page-row-limit", "1024".to_string()),
@@ -498,13 +513,29 @@ impl Store {
         let keys = keys.finish();
         let refresh = self.config.metadata_refresh();
         let state = self.current(&id, refresh).await?;
-        match read::lookup(&state, &self.files, &self.file_io, &keys, features).await {
+        match read::lookup(
+            &state,
+            &self.files,
+            &self.file_io,
+            &self.io,
+            &keys,
+            features,
+        )
+        .await
+        {
             // A file vanished under us (expired by another process): refresh and retry once.
             Err(Error::FileNotFound(_)) => {
                 let state = self.current(&id, Duration::ZERO).await?;
-                read::lookup(&state, &self.files, &self.file_io, &keys, features)
-                    .await
-                    .map_err(|e| e.missing_is_corrupt(&id))
+                read::lookup(
+                    &state,
+                    &self.files,
+                    &self.file_io,
+                    &self.io,
+                    &keys,
+                    features,
+                )
+                .await
+                .map_err(|e| e.missing_is_corrupt(&id))
             }
             other => other.map_err(|e| e.in_table(&id)),
         }

@@ -14,6 +14,7 @@ use iceberg::spec::{
 use crate::catalog::TableId;
 use crate::error::{Error, Result};
 use crate::schema::Layout;
+use crate::storage::IoCounter;
 
 /// A live data file and the manifest entry that describes it.
 #[derive(Debug)]
@@ -45,8 +46,14 @@ pub struct SnapshotFiles {
 }
 
 impl SnapshotFiles {
-    pub async fn load(file_io: &FileIO, md: &TableMetadata, snapshot: &Snapshot) -> Result<Self> {
+    pub async fn load(
+        file_io: &FileIO,
+        md: &TableMetadata,
+        snapshot: &Snapshot,
+        io: &IoCounter,
+    ) -> Result<Self> {
         let bytes = file_io.new_input(snapshot.manifest_list())?.read().await?;
+        io.add(bytes.len());
         let list = ManifestList::parse_with_version(&bytes, md.format_version())?;
         let mut out = Self {
             snapshot_id: Some(snapshot.snapshot_id()),
@@ -56,6 +63,7 @@ impl SnapshotFiles {
         for manifest_file in list.entries() {
             out.manifests.push(manifest_file.manifest_path.clone());
             let manifest = manifest_file.load_manifest(file_io).await?;
+            io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
             for entry in manifest.entries() {
                 if !entry.is_alive() {
                     continue;
@@ -123,7 +131,12 @@ pub struct TableState {
 }
 
 impl TableState {
-    pub async fn load(file_io: &FileIO, id: TableId, metadata_location: String) -> Result<Self> {
+    pub async fn load(
+        file_io: &FileIO,
+        io: &IoCounter,
+        id: TableId,
+        metadata_location: String,
+    ) -> Result<Self> {
         let shown = id.to_string();
         let corrupt = |e: Error| match e {
             Error::CorruptTable { detail, .. } => Error::corrupt(&shown, detail),
@@ -132,23 +145,35 @@ impl TableState {
             }
             other => other,
         };
-        let metadata = TableMetadata::read_from(file_io, &metadata_location)
+        let bytes = file_io
+            .new_input(&metadata_location)?
+            .read()
             .await
             .map_err(|e| corrupt(e.into()))?;
-        Self::from_metadata(file_io, id, metadata_location.clone(), Arc::new(metadata))
-            .await
-            .map_err(corrupt)
+        io.add(bytes.len());
+        let metadata: TableMetadata = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::corrupt(&shown, format!("{metadata_location}: {e}")))?;
+        Self::from_metadata(
+            file_io,
+            io,
+            id,
+            metadata_location.clone(),
+            Arc::new(metadata),
+        )
+        .await
+        .map_err(corrupt)
     }
 
     pub async fn from_metadata(
         file_io: &FileIO,
+        io: &IoCounter,
         id: TableId,
         metadata_location: String,
         metadata: Arc<TableMetadata>,
     ) -> Result<Self> {
         let layout = Arc::new(Layout::from_metadata(&metadata)?);
         let files = match metadata.current_snapshot() {
-            Some(s) => SnapshotFiles::load(file_io, &metadata, s).await?,
+            Some(s) => SnapshotFiles::load(file_io, &metadata, s, io).await?,
             None => SnapshotFiles::default(),
         };
         Ok(Self {

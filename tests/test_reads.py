@@ -120,3 +120,56 @@ def test_a_tiny_read_cache_still_answers_correctly(make_env: Callable[..., Env])
     for _ in range(2):
         results = env.read(view, [driver_key(i) for i in range(500)])
         assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in range(500)]
+
+
+def _wait_for_prefetch(store, timeout: float = 10.0) -> dict:
+    """The background load of probed files into the cache finishes on the runtime's threads."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = store.io_stats()
+        if stats["cache_bytes"] > 0:
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"background load did not finish: {store.io_stats()}")
+
+
+def test_a_cold_read_reads_only_the_pages_it_needs(make_env: Callable[..., Env]) -> None:
+    # One bucket, 20k rows: one data file of 2 row groups and ~20 pages per column.
+    writer = make_env(partition_count=1)
+    view = driver_view()
+    writer.apply(view)
+    writer.write(view, [driver_row(i, 1) for i in range(20_000)])
+    (data_file,) = [p for p in writer.warehouse_files() if p.suffix == ".parquet"]
+    file_size = data_file.stat().st_size
+
+    reader = Env(writer.repo, writer.config, type(writer.store)())
+    store = reader.store._store(reader.config)
+    assert trips(reader.read(view, [driver_key(12_345)])[0]) == expected_values(12_345, 1)["trips"]
+    cold = store.io_stats(reset=True)
+    # Footer, page index, bloom filter and one page per column: a small part of the file.
+    assert 0 < cold["data_bytes"] < file_size / 3, (cold, file_size)
+    assert cold["metadata_requests"] == 3  # metadata.json, manifest list, manifest
+
+    # Meanwhile the whole file was loaded into the cache: later reads touch no storage.
+    _wait_for_prefetch(store)
+    store.io_stats(reset=True)
+    keys = [driver_key(i) for i in range(0, 20_000, 97)]
+    results = reader.read(view, keys)
+    assert [trips(r) for r in results] == [
+        expected_values(i, 1)["trips"] for i in range(0, 20_000, 97)
+    ]
+    warm = store.io_stats()
+    assert warm["data_bytes"] == 0 and warm["metadata_bytes"] == 0, warm
+
+
+def test_a_cold_read_of_a_missing_key_reads_little(make_env: Callable[..., Env]) -> None:
+    writer = make_env(partition_count=1)
+    view = driver_view()
+    writer.apply(view)
+    writer.write(view, [driver_row(i, 1) for i in range(0, 40_000, 2)])  # even keys only
+    (data_file,) = [p for p in writer.warehouse_files() if p.suffix == ".parquet"]
+    reader = Env(writer.repo, writer.config, type(writer.store)())
+    store = reader.store._store(reader.config)
+    assert reader.read(view, [driver_key(20_001)]) == [(None, None)]
+    cold = store.io_stats()
+    assert cold["data_bytes"] < data_file.stat().st_size / 3, cold

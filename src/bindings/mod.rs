@@ -179,6 +179,29 @@ impl PyStore {
         Ok(d)
     }
 
+    /// What this store has read from the warehouse so far (bytes and requests of table
+    /// metadata, of data read to answer requests, and of files loaded into the cache in the
+    /// background), and the decoded bytes cached; `reset` zeroes the counters afterwards.
+    #[pyo3(signature = (reset=false))]
+    fn io_stats<'py>(&self, py: Python<'py>, reset: bool) -> PyResult<Bound<'py, PyDict>> {
+        let io = &self.inner.io;
+        let d = PyDict::new(py);
+        for (name, counter) in [
+            ("metadata", &io.metadata),
+            ("data", &io.data),
+            ("prefetch", &io.prefetch),
+        ] {
+            let (bytes, requests) = counter.get();
+            d.set_item(format!("{name}_bytes"), bytes)?;
+            d.set_item(format!("{name}_requests"), requests)?;
+        }
+        d.set_item("cache_bytes", self.inner.files.bytes())?;
+        if reset {
+            io.reset();
+        }
+        Ok(d)
+    }
+
     fn expire<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {
         let expired = run(py, self.inner.expire(&table))?;
         let d = PyDict::new(py);

@@ -30,6 +30,7 @@ use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
 use crate::read::FileCache;
 use crate::schema::ENTITY_KEY;
+use crate::storage::IoStats;
 use crate::store::Store;
 use crate::table::{LiveFile, TableState};
 
@@ -42,10 +43,18 @@ const PAGE_ROWS: usize = 1024;
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        // A dictionary page holds every distinct value of its column chunk and must be read
+        // before any data page: for unique keys and timestamps that is most of the column, so
+        // a point read of one page would fetch the whole dictionary too. zstd still compresses.
+        .set_dictionary_enabled(false)
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_data_page_row_count_limit(PAGE_ROWS)
         .set_column_bloom_filter_enabled(ColumnPath::from(ENTITY_KEY), true)
+        // For other engines' point lookups. Sized for one row group's keys (the default
+        // assumes a million: 1 MiB of filter per row group); 16 KiB at 5% false positives.
+        .set_column_bloom_filter_ndv(ColumnPath::from(ENTITY_KEY), ROW_GROUP_ROWS as u64)
+        .set_column_bloom_filter_fpp(ColumnPath::from(ENTITY_KEY), 0.05)
         .build()
 }
 
@@ -93,9 +102,16 @@ async fn write_bucket(
     Ok(writer.close().await?)
 }
 
-async fn rewrite_bucket(
+/// What a bucket task needs of the store; owned, since tasks outlive the caller's borrow.
+#[derive(Clone)]
+struct StoreIo {
     file_io: FileIO,
     cache: Arc<FileCache>,
+    stats: Arc<IoStats>,
+}
+
+async fn rewrite_bucket(
+    io: StoreIo,
     state: Arc<TableState>,
     incoming: Arc<RecordBatch>,
     bucket: i32,
@@ -106,7 +122,13 @@ async fn rewrite_bucket(
     let files: Vec<Arc<LiveFile>> = state.files.files_for_bucket(bucket).cloned().collect();
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
-        parts.push(cache.get(&file_io, f, layout).await?.batch.clone());
+        parts.push(
+            io.cache
+                .get(&io.file_io, f, layout, &io.stats)
+                .await?
+                .batch
+                .clone(),
+        );
     }
     let existing = match parts.len() {
         0 => None,
@@ -122,7 +144,7 @@ async fn rewrite_bucket(
         }));
     };
     let prefix = format!("{attempt_id}-b{bucket}");
-    let added = write_bucket(&file_io, &state, bucket, merged, prefix).await?;
+    let added = write_bucket(&io.file_io, &state, bucket, merged, prefix).await?;
     Ok(Some(BucketRewrite {
         added,
         removed: files,
@@ -149,12 +171,16 @@ async fn try_commit(
         )));
     }
     let attempt_id = Uuid::new_v4();
+    let io = StoreIo {
+        file_io: store.file_io.clone(),
+        cache: store.files.clone(),
+        stats: store.io.clone(),
+    };
     let tasks: Vec<_> = groups
         .iter()
         .map(|(&bucket, rows)| {
             tokio::spawn(rewrite_bucket(
-                store.file_io.clone(),
-                store.files.clone(),
+                io.clone(),
                 state.clone(),
                 incoming.clone(),
                 bucket,

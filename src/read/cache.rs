@@ -1,0 +1,282 @@
+//! Decoded data files, cached by path for as long as the byte budget allows.
+//!
+//! A data file never changes once written, so its decoded rows and `entity_key -> row` index
+//! stay valid until the file leaves the table. Eviction is least recently used.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use arrow_array::{Array, RecordBatch};
+use bytes::Bytes;
+use iceberg::io::FileIO;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{Version, align_to, keys_of, row_version};
+use crate::error::{Error, Result};
+use crate::schema::Layout;
+use crate::storage::{IoCounter, IoStats};
+use crate::table::LiveFile;
+
+/// Rows of one data file (all of them, or the ones a probe found) and their key index.
+#[derive(Debug)]
+pub struct FileData {
+    pub batch: RecordBatch,
+    pub index: HashMap<Box<[u8]>, u32>,
+    pub bytes: usize,
+}
+
+impl FileData {
+    /// Indexes `batch` by entity key; where a key repeats (tables written by append-only
+    /// writers), the newest version wins.
+    pub fn index(batch: RecordBatch, layout: &Layout) -> Result<Self> {
+        let keys = keys_of(&batch, layout)?;
+        let mut index: HashMap<Box<[u8]>, u32> = HashMap::with_capacity(batch.num_rows());
+        for row in 0..batch.num_rows() {
+            if keys.is_null(row) {
+                continue;
+            }
+            let row32 = u32::try_from(row).map_err(|_| Error::internal("file has > 4G rows"))?;
+            let version = row_version(&batch, row, layout);
+            index
+                .entry(keys.value(row).into())
+                .and_modify(|r| {
+                    if version >= row_version(&batch, *r as usize, layout) {
+                        *r = row32;
+                    }
+                })
+                .or_insert(row32);
+        }
+        let bytes = batch.get_array_memory_size() + index.len() * 48;
+        Ok(Self {
+            batch,
+            index,
+            bytes,
+        })
+    }
+
+    pub fn version(&self, row: u32, layout: &Layout) -> Version {
+        row_version(&self.batch, row as usize, layout)
+    }
+}
+
+/// Reads and decodes a whole data file.
+pub async fn load_file(
+    file_io: &FileIO,
+    path: &str,
+    layout: &Layout,
+    io: &IoCounter,
+) -> Result<FileData> {
+    let data: Bytes = file_io.new_input(path)?.read().await?;
+    io.add(data.len());
+    let reader = ParquetRecordBatchReaderBuilder::try_new(data)?
+        .with_batch_size(64 * 1024)
+        .build()?;
+    let mut parts = Vec::new();
+    for b in reader {
+        parts.push(align_to(&b?, &layout.arrow)?);
+    }
+    let batch = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
+    FileData::index(batch, layout)
+}
+
+struct Entry {
+    data: Arc<FileData>,
+    last_used: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Schema id the rows were aligned to -> path -> entry. Nested so a lookup by `&str`
+    /// allocates nothing.
+    files: HashMap<i32, HashMap<String, Entry>>,
+    /// (schema id, path) of files being loaded in the background.
+    loading: HashSet<(i32, String)>,
+    bytes: usize,
+    clock: u64,
+}
+
+/// Decoded files by path, bounded by a byte budget, least recently used evicted first. The
+/// most recently loaded file always stays, so a budget below one file still works.
+pub struct FileCache {
+    inner: Mutex<Inner>,
+    budget: usize,
+}
+
+impl std::fmt::Debug for FileCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCache")
+            .field("budget", &self.budget)
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl FileCache {
+    pub fn new(budget: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            budget,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The decoded file if it is cached.
+    pub fn cached(&self, path: &str, schema_id: i32) -> Option<Arc<FileData>> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let entry = inner.files.get_mut(&schema_id)?.get_mut(path)?;
+        entry.last_used = now;
+        Some(entry.data.clone())
+    }
+
+    /// The decoded file, loaded now if it is not cached.
+    pub async fn get(
+        &self,
+        file_io: &FileIO,
+        file: &LiveFile,
+        layout: &Layout,
+        io: &IoStats,
+    ) -> Result<Arc<FileData>> {
+        let schema_id = layout.schema.schema_id();
+        if let Some(hit) = self.cached(file.path(), schema_id) {
+            return Ok(hit);
+        }
+        let data = Arc::new(load_file(file_io, file.path(), layout, &io.data).await?);
+        Ok(self.insert(file.path(), schema_id, data))
+    }
+
+    /// Loads the file into the cache on the runtime, unless it is cached or already loading.
+    /// Failures are dropped: the next read that needs the file probes it again.
+    pub fn warm_in_background(
+        self: &Arc<Self>,
+        file_io: &FileIO,
+        file: &LiveFile,
+        layout: &Arc<Layout>,
+        io: &Arc<IoStats>,
+    ) {
+        let schema_id = layout.schema.schema_id();
+        let path = file.path().to_string();
+        {
+            let mut inner = self.lock();
+            let cached = inner
+                .files
+                .get(&schema_id)
+                .is_some_and(|m| m.contains_key(&path));
+            if cached || !inner.loading.insert((schema_id, path.clone())) {
+                return;
+            }
+        }
+        let (cache, file_io, layout, io) =
+            (self.clone(), file_io.clone(), layout.clone(), io.clone());
+        tokio::spawn(async move {
+            let loaded = load_file(&file_io, &path, &layout, &io.prefetch).await;
+            if let Ok(data) = loaded {
+                cache.insert(&path, schema_id, Arc::new(data));
+            }
+            cache.lock().loading.remove(&(schema_id, path));
+        });
+    }
+
+    fn insert(&self, path: &str, schema_id: i32, data: Arc<FileData>) -> Arc<FileData> {
+        let mut inner = self.lock();
+        inner.clock += 1;
+        let now = inner.clock;
+        let files = inner.files.entry(schema_id).or_default();
+        if let Some(existing) = files.get_mut(path) {
+            existing.last_used = now;
+            return existing.data.clone();
+        }
+        let size = data.bytes;
+        files.insert(
+            path.to_string(),
+            Entry {
+                data: data.clone(),
+                last_used: now,
+            },
+        );
+        inner.bytes += size;
+        while inner.bytes > self.budget && inner.evict_lru(now) {}
+        data
+    }
+
+    /// Drops files that are no longer live in the table just committed.
+    pub fn retain_paths(&self, live: &HashSet<&str>) {
+        let mut inner = self.lock();
+        let Inner { files, bytes, .. } = &mut *inner;
+        for by_path in files.values_mut() {
+            by_path.retain(|path, entry| {
+                let keep = live.contains(path.as_str());
+                if !keep {
+                    *bytes -= entry.data.bytes;
+                }
+                keep
+            });
+        }
+        files.retain(|_, by_path| !by_path.is_empty());
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+impl Inner {
+    /// Evicts the least recently used file other than the one used at `keep`; false if there
+    /// is none.
+    fn evict_lru(&mut self, keep: u64) -> bool {
+        let victim = self
+            .files
+            .iter()
+            .flat_map(|(id, m)| m.iter().map(move |(p, e)| (e.last_used, *id, p)))
+            .filter(|(used, _, _)| *used != keep)
+            .min_by_key(|(used, _, _)| *used)
+            .map(|(_, id, p)| (id, p.clone()));
+        let Some((id, path)) = victim else {
+            return false;
+        };
+        if let Some(entry) = self.files.get_mut(&id).and_then(|m| m.remove(&path)) {
+            self.bytes -= entry.data.bytes;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_schema::Schema;
+
+    fn data(bytes: usize) -> Arc<FileData> {
+        Arc::new(FileData {
+            batch: RecordBatch::new_empty(Arc::new(Schema::empty())),
+            index: HashMap::new(),
+            bytes,
+        })
+    }
+
+    #[test]
+    fn evicts_the_least_recently_used_file() {
+        let cache = FileCache::new(250);
+        cache.insert("a", 0, data(100));
+        cache.insert("b", 0, data(100));
+        assert!(cache.cached("a", 0).is_some()); // a is now more recent than b
+        cache.insert("c", 0, data(100));
+        assert!(cache.cached("b", 0).is_none());
+        assert!(cache.cached("a", 0).is_some() && cache.cached("c", 0).is_some());
+        assert_eq!(cache.bytes(), 200);
+    }
+
+    #[test]
+    fn keeps_the_newest_file_even_over_budget() {
+        let cache = FileCache::new(10);
+        cache.insert("a", 0, data(100));
+        assert!(cache.cached("a", 0).is_some());
+        cache.insert("b", 0, data(100));
+        assert!(cache.cached("a", 0).is_none() && cache.cached("b", 0).is_some());
+        assert!(cache.cached("b", 1).is_none());
+    }
+}
