@@ -70,12 +70,29 @@ def later_runs_mean(result: dict[str, Any]) -> float | None:
     return sum(later) / len(later) if later else None
 
 
+def speedup(scaling: dict[str, Any] | None) -> str | None:
+    if not scaling:
+        return None
+    return f"{scaling['threads_4']:,.0f} ({scaling['speedup']:.1f}x)"
+
+
+def cold_io(cold: dict[str, Any] | None) -> str | None:
+    if not cold:
+        return None
+    return (
+        f"{cold['metadata_bytes'] / 1e3:,.0f} ({cold['metadata_requests']:.0f}) / "
+        f"{cold['data_bytes'] / 1e3:,.0f} ({cold['data_requests']:.0f}) "
+        f"of {cold['table_data_bytes'] / 1e6:,.1f} MB"
+    )
+
+
 def check(result: dict[str, Any]) -> str | None:
     checks = [
         dig(result, "read", "check"),
         dig(result, "read", "check_get_online_features"),
         dig(result, "materialize", "after_1", "check"),
         dig(result, "materialize", "after_n", "check"),
+        dig(result, "pushes", "check"),
     ]
     done = [c for c in checks if c]
     if not done:
@@ -123,6 +140,18 @@ def rows(spec: dict[str, Any]) -> list[tuple[str, str, str, Callable[[dict], str
          at(pair, *after_1, "online_read_100")),
         (f"online_read 100 keys after {n} mat. p50 / p99 (ms)", "read_100_n", mat,
          at(pair, *after_n, "online_read_100")),
+        ("online_read 100 keys, 1 thread (calls/s)", "", "scaling",
+         at(rate, "scaling", "threads_1")),
+        ("online_read 100 keys, 4 threads (calls/s)", "", "scaling",
+         lambda r: speedup(dig(r, "scaling"))),
+        ("push 10 rows (online_write_batch) p50 / p99 (ms)", "", "pushes",
+         at(pair, "pushes", "push_10_rows")),
+        ("online_read 100 keys after 100 pushes p50 / p99 (ms)", "", "pushes",
+         at(pair, "pushes", "online_read_100")),
+        ("cold online_read 1 key, new store (ms)", "", "cold_read",
+         at(lambda v: None if v is None else fmt_ms(v), "cold_read", "ms")),
+        ("  read for it: metadata / data (KB, requests)", "", "cold_read",
+         lambda r: cold_io(dig(r, "cold_read"))),
         ("values read back == values written", "", "", check),
         ("peak RSS of the worker process (MB)", "", "", at(rate, "rss", "peak_mb")),
     ]  # fmt: skip
@@ -193,6 +222,15 @@ def targets(spec: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[st
          p99(ours, "read", "online_read_100"), p99(sqlite, "read", "online_read_100"), 0.5),
         ("online_read 100 keys p99 <= 2 ms (aim)",
          p99(ours, "read", "online_read_100"), 2.0, 1.0),
+        ("online_read 1 key p99 < 1 ms (issue: reads)",
+         p99(ours, "read", "online_read_1"), 1.0, 1.0),
+        ("online_read 100 keys p99 < 10 ms (issue: reads)",
+         p99(ours, "read", "online_read_100"), 10.0, 1.0),
+        ("get_online_features 100 keys p99 <= sqlite's",
+         p99(ours, "read", "get_online_features_100"),
+         p99(sqlite, "read", "get_online_features_100"), 1.0),
+        ("4 reader threads scale past 1 (>= 1.2x)",
+         1.2, dig(ours, "scaling", "speedup"), 1.0),
         ("online_write_batch >= 100,000 rows/s",
          100_000, dig(ours, "online_write_batch", "insert", "rows_per_s"), 1.0),
         (f"bytes after {n} materializations <= 1.2x after 1",

@@ -15,6 +15,7 @@ import resource
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,74 @@ def bench_reads(results: Results, repo: Repo, spec: dict[str, Any]) -> None:
     results["read"] = reads
 
 
+def bench_scaling(results: Results, repo: Repo, spec: dict[str, Any]) -> None:
+    """online_read of 100 keys from 1 and from 4 threads: does the store release the GIL?"""
+    rng = np.random.default_rng(11)
+    batches = keys_for(random_ids(rng, spec["entities"], spec["iters_100"] * 2, 100))
+
+    def read(keys: list[Any]) -> Any:
+        return repo.online.online_read(repo.config, repo.view, keys, workload.FEATURE_NAMES)
+
+    def calls_per_s(threads: int) -> float:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(read, batches))
+        return len(batches) / (time.perf_counter() - start)
+
+    calls_per_s(1)  # warm-up
+    one, four = calls_per_s(1), calls_per_s(4)
+    results["scaling"] = {"threads_1": one, "threads_4": four, "speedup": four / one}
+
+
+def bench_pushes(results: Results, repo: Repo, spec: dict[str, Any]) -> None:
+    """100 small pushes of 10 rows with newer values (like `push`), then reads again."""
+    base = datetime.fromisoformat(spec["base"])
+    newer = workload.frame(spec["entities"], 2, base)
+    rng = np.random.default_rng(12)
+    pushed: list[int] = []
+    samples = []
+    for _ in range(100):
+        positions = rng.choice(spec["entities"], 10, replace=False)
+        rows = workload.write_rows(newer.iloc[positions])
+        pushed += [int(newer[workload.JOIN_KEY].iat[p]) for p in positions]
+        start = time.perf_counter_ns()
+        repo.online.online_write_batch(repo.config, repo.view, rows, None)
+        samples.append((time.perf_counter_ns() - start) / 1e6)
+    p50, p99 = np.percentile(samples, [50, 99])
+    results["pushes"] = {
+        "push_10_rows": {"p50_ms": p50, "p99_ms": p99, "n": len(samples)},
+        **read_latencies(repo, spec, seed=13),
+        "check": check_online_read(repo, newer, pushed[:100]),
+    }
+
+
+def bench_cold_read(results: Results, store: str, repo: Repo, spec: dict[str, Any]) -> None:
+    """One key read by a store with nothing cached: latency and what it read from storage."""
+    if store != "iceberg":
+        return
+    from feast_iceberg import IcebergOnlineStore
+
+    ids = [int(i) for i in workload.entity_ids(spec["entities"])[:: spec["entities"] // 5]]
+    out = []
+    for entity_id in ids:
+        cold = IcebergOnlineStore()  # a new core: no metadata, manifests or files cached
+        core = cold._store(repo.config)
+        start = time.perf_counter_ns()
+        cold.online_read(repo.config, repo.view, [workload.entity_key(entity_id)])
+        ms = (time.perf_counter_ns() - start) / 1e6
+        out.append({"ms": ms, **core.io_stats()})
+    table = f"{workload.PROJECT}_{workload.FEATURE_VIEW}_online"
+    results["cold_read"] = {
+        "runs": out,
+        "ms": float(np.median([r["ms"] for r in out])),
+        "data_bytes": float(np.median([r["data_bytes"] for r in out])),
+        "data_requests": float(np.median([r["data_requests"] for r in out])),
+        "metadata_bytes": float(np.median([r["metadata_bytes"] for r in out])),
+        "metadata_requests": float(np.median([r["metadata_requests"] for r in out])),
+        "table_data_bytes": repo.online._store(repo.config).stats(table)["data_bytes"],
+    }
+
+
 def bench_materialize(results: Results, store: str, root: Path, spec: dict[str, Any]) -> None:
     repo = Repo(store, root / "materialize")
     base = datetime.fromisoformat(spec["base"])
@@ -217,6 +286,15 @@ def main() -> None:
         if repo is None:
             raise RuntimeError("skipped: the write repo could not be set up")
         bench_reads(results, repo, spec)
+    with results.section("scaling"):
+        if repo is not None:
+            bench_scaling(results, repo, spec)
+    with results.section("cold_read"):
+        if repo is not None:
+            bench_cold_read(results, args.store, repo, spec)
+    with results.section("pushes"):
+        if repo is not None:
+            bench_pushes(results, repo, spec)
     with results.section("materialize"):
         bench_materialize(results, args.store, args.workdir, spec)
     results["rss"] = rss()

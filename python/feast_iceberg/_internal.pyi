@@ -87,6 +87,12 @@ class Store:
         None) for each requested key.
         """
 
+    def io_stats(self, reset: bool = False) -> dict[str, int]:
+        """Bytes and requests read so far: `metadata_*` (metadata.json, manifest lists,
+        manifests), `data_*` (data read to answer requests), `prefetch_*` (files loaded into the
+        cache in the background); and `cache_bytes`, the decoded data held. `reset` zeroes the
+        counters."""
+
     def stats(self, table: str) -> dict[str, Any]:
         """Rows, files, bytes and snapshots of the current table state."""
 
