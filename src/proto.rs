@@ -136,6 +136,19 @@ pub mod value {
     }
 }
 
+/// Appends one `Value` (serialized) to a serialized `RepeatedValue { repeated Value val = 1 }`.
+pub fn push_repeated_value_item(out: &mut Vec<u8>, value: &[u8]) {
+    const VAL_FIELD: u8 = (1 << 3) | 2; // field 1, length-delimited
+    out.push(VAL_FIELD);
+    let mut len = value.len() as u64;
+    while len >= 0x80 {
+        out.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(value);
+}
+
 /// The oneof field number set in a serialized `Value`, or None when unset. Reads only the first
 /// key, so kinds prost does not model (maps, json, ...) are recognised without decoding them.
 pub fn value_tag(bytes: &[u8]) -> Option<u32> {
@@ -155,4 +168,33 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, PartialEq, Message)]
+    struct RepeatedValue {
+        #[prost(message, repeated, tag = "1")]
+        val: Vec<Value>,
+    }
+
+    #[test]
+    fn repeated_value_items_decode_as_feasts_message() {
+        let values = vec![
+            Value {
+                val: Some(value::Val::StringVal("x".repeat(200))),
+            },
+            Value::default(),
+            Value {
+                val: Some(value::Val::Int64Val(-5)),
+            },
+        ];
+        let mut out = Vec::new();
+        for v in &values {
+            push_repeated_value_item(&mut out, &v.encode_to_vec());
+        }
+        assert_eq!(RepeatedValue::decode(&out[..]).unwrap().val, values);
+    }
 }

@@ -61,13 +61,13 @@ def test_four_writer_processes_lose_no_update(env: Env) -> None:
     # would have reverted some of them.
     for w in range(WRITERS):
         keys = list(own_keys(w))
-        for i, (_, feats) in zip(keys, env.read(view, [driver_key(i) for i in keys]), strict=False):
+        for i, (_, feats) in zip(keys, env.read(view, [driver_key(i) for i in keys]), strict=True):
             assert feats is not None
             assert {k: plain(v) for k, v in feats.items()} == expected_values(i, BATCHES - 1)
     # Shared keys: the newest event time wins, whoever committed last.
     last = (BATCHES - 1) * 10 + (WRITERS - 1)
     for i, (_, feats) in zip(
-        SHARED_KEYS, env.read(view, [driver_key(i) for i in SHARED_KEYS]), strict=False
+        SHARED_KEYS, env.read(view, [driver_key(i) for i in SHARED_KEYS]), strict=True
     ):
         assert feats is not None
         assert {k: plain(v) for k, v in feats.items()} == expected_values(i, last)

@@ -58,7 +58,7 @@ def test_pyiceberg_reads_one_row_per_key_with_the_newest_values(written: dict) -
     table = env.pyiceberg_table(view)
     arrow = table.scan(selected_fields=("driver_id", "trips", "city")).to_arrow()
     rows = list(
-        zip(*(arrow.column(c).to_pylist() for c in ("driver_id", "trips", "city")), strict=False)
+        zip(*(arrow.column(c).to_pylist() for c in ("driver_id", "trips", "city")), strict=True)
     )
     newest_check(rows, WRITES - 1)
     # Point filter on the entity key prunes to one bucket file.

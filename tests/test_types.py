@@ -13,6 +13,7 @@ from conftest import BASE_TS, Env, driver_key
 from feast import Entity, FeatureView, Field, FileSource
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+from feast.protos.feast.types.Value_pb2 import RepeatedValue
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Int64, from_value_type
 from feast.value_type import ValueType
@@ -120,12 +121,12 @@ def test_every_feast_value_type_round_trips_exactly(env: Env) -> None:
     names, timestamps, got = store.read("types_online", keys, None)
     assert timestamps == micros
     for i in range(rows):
-        row = dict(zip(names, got[i], strict=False))
+        row = dict(zip(names, RepeatedValue.FromString(got[i]).val, strict=True))
         for field, vt in kinds:
             expect = per_kind[vt][i]
             if expect.WhichOneof("val") == "null_val":
                 expect = ValueProto()  # an explicit null reads back as null
-            assert ValueProto.FromString(row[f"f_{vt}"]) == expect, (field, vt, i)
+            assert row[f"f_{vt}"] == expect, (field, vt, i)
 
 
 def test_typed_columns_have_their_exact_iceberg_types(env: Env) -> None:
@@ -189,7 +190,7 @@ def test_feature_view_of_every_feast_type_round_trips_through_feast_interface(en
         rows.append((driver_key(i), feats, BASE_TS, None))
     env.write(view, rows)
     results = env.read(view, [driver_key(i) for i in range(3)])
-    for (_, sent, _, _), (_, got) in zip(rows, results, strict=False):
+    for (_, sent, _, _), (_, got) in zip(rows, results, strict=True):
         assert got == sent
 
 
@@ -227,7 +228,7 @@ def test_stored_entity_key_column_is_feasts_serialization(env: Env) -> None:
     env.write(view, [driver_row(i, 1) for i in range(50)])
     scanned = env.pyiceberg_table(view).scan().to_arrow()
     by_id = dict(
-        zip(scanned.column("driver_id").to_pylist(), scanned.column("entity_key"), strict=False)
+        zip(scanned.column("driver_id").to_pylist(), scanned.column("entity_key"), strict=True)
     )
     for i in range(50):
         expect = serialize_entity_key(driver_key(i), entity_key_serialization_version=3)

@@ -30,7 +30,7 @@ def test_five_writes_leave_the_last_values_and_one_row_per_key(env: Env) -> None
     for version in range(5):
         env.write(view, [driver_row(i, version) for i in keys])
     results = env.read(view, [driver_key(i) for i in keys])
-    for i, result in zip(keys, results, strict=False):
+    for i, result in zip(keys, results, strict=True):
         assert values_of(result) == expected_values(i, 4)
         assert result[0] == (BASE_TS + timedelta(minutes=4)).replace(tzinfo=timezone.utc)
     stats = env.stats(view)
@@ -90,7 +90,7 @@ def test_reads_are_aligned_with_repeated_and_missing_keys(env: Env) -> None:
     request = [20, 99, 10, 20, 30, 99, 20]
     results = env.read(view, [driver_key(i) for i in request])
     assert len(results) == len(request)
-    for i, result in zip(request, results, strict=False):
+    for i, result in zip(request, results, strict=True):
         if i == 99:
             assert result == (None, None)
         else:

@@ -80,11 +80,11 @@ class Store:
         table: str,
         entity_keys: list[bytes],
         features: list[str] | None,
-    ) -> tuple[list[str], list[int | None], list[list[bytes] | None]]:
+    ) -> tuple[list[str], list[int | None], list[bytes | None]]:
         """Point lookups aligned with `entity_keys`.
 
-        Returns (feature names, event_ts micros or None, serialized `Value` protos per feature or
-        None) for each requested key.
+        Returns (feature names, event_ts micros or None per key, the key's features as one
+        serialized `feast.types.RepeatedValue` in feature-name order, or None).
         """
 
     def io_stats(self, reset: bool = False) -> dict[str, int]:

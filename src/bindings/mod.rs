@@ -47,8 +47,8 @@ impl Blobs {
     }
 }
 
-/// What `Store.read` hands Python: feature names, event timestamps (micros), and per key the
-/// serialized `Value`s or None.
+/// What `Store.read` hands Python: feature names, event timestamps (micros), and per key a
+/// serialized `RepeatedValue` of the features or None.
 type PyReadResult<'py> = (Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>);
 
 /// Runs `f` on the shared runtime with the GIL released.
@@ -155,11 +155,7 @@ impl PyStore {
         for row in out.rows {
             match row {
                 None => rows.append(py.None())?,
-                Some(cells) => {
-                    let cells: Vec<Bound<'py, PyBytes>> =
-                        cells.iter().map(|c| PyBytes::new(py, c)).collect();
-                    rows.append(PyList::new(py, cells)?)?;
-                }
+                Some(encoded) => rows.append(PyBytes::new(py, &encoded))?,
             }
         }
         Ok((out.names, out.event_ts, rows))

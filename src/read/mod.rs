@@ -24,6 +24,7 @@ pub use cache::{FileCache, FileData};
 
 use crate::convert::cell_to_value;
 use crate::error::{Error, Result};
+use crate::proto;
 use crate::schema::{Column, Layout};
 use crate::storage::IoStats;
 use crate::table::{LiveFile, TableState};
@@ -81,7 +82,9 @@ pub fn buckets(keys: &LargeBinaryArray, n: u32) -> Result<Vec<i32>> {
 pub struct ReadOutput {
     pub names: Vec<String>,
     pub event_ts: Vec<Option<i64>>,
-    pub rows: Vec<Option<Vec<Vec<u8>>>>,
+    /// Per key, the requested features as one serialized `feast.types.RepeatedValue` (in
+    /// `names` order): Python parses one message per row instead of one per cell.
+    pub rows: Vec<Option<Vec<u8>>>,
 }
 
 /// The requested feature columns; unknown names are skipped, like Feast's own stores do.
@@ -172,12 +175,12 @@ pub async fn lookup(
             Some((data, row, (ev, _))) => {
                 let row = row as usize;
                 out.event_ts.push(Some(ev));
-                out.rows.push(Some(
-                    columns
-                        .iter()
-                        .map(|c| cell_to_value(c.kind, data.batch.column(c.index), row))
-                        .collect(),
-                ));
+                let mut encoded = Vec::with_capacity(16 * columns.len());
+                for c in &columns {
+                    let value = cell_to_value(c.kind, data.batch.column(c.index), row);
+                    proto::push_repeated_value_item(&mut encoded, &value);
+                }
+                out.rows.push(Some(encoded));
             }
         }
     }
