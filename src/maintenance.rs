@@ -1,13 +1,26 @@
-//! Automatic maintenance: snapshot retention and deletion of files no retained snapshot needs.
+//! Maintenance: snapshot retention and deletion of files no retained snapshot needs (automatic,
+//! after every commit), and the explicit operations of the `feast-iceberg` CLI: orphan removal,
+//! compaction, duplicate-key counts.
 //!
-//! Runs inside every commit (expired snapshots are removed by the same metadata update that adds
+//! Expiry runs inside every commit (expired snapshots are removed by the same metadata update that adds
 //! the new snapshot), so storage stays bounded with no manual step. A replaced snapshot is kept
 //! for a grace period after it stopped being current, so readers in other processes that cached
 //! it keep finding its files until they refresh.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use arrow_array::Array;
 use iceberg::spec::{MAIN_BRANCH, Snapshot, TableMetadata};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::error::{Error, Result};
+use crate::read::keys_of_column;
+use crate::schema::ENTITY_KEY;
+use crate::store::Store;
+use crate::write::{WriteReport, compact, compaction_buckets, delete_quietly};
 
 /// Snapshot ids that branches or tags other than main point at. iceberg-rust keeps `refs`
 /// crate-private, so they are read from the metadata's JSON form.
@@ -64,6 +77,167 @@ pub fn expirable(
             .map(AsRef::as_ref);
     }
     out
+}
+
+// ---- explicit maintenance (the `feast-iceberg` CLI) -------------------------------------------
+
+/// Files under a table's location that no retained snapshot or metadata version references.
+#[derive(Debug, Default, Clone)]
+pub struct Orphans {
+    /// Removed (or, on a dry run, to be removed).
+    pub paths: Vec<String>,
+    pub bytes: u64,
+    /// Unreferenced but younger than the safety age: possibly a write in progress.
+    pub too_young: usize,
+}
+
+/// `file:///a/b` -> `/a/b`; None for other schemes.
+fn local_path(uri: &str) -> Option<PathBuf> {
+    uri.strip_prefix("file://")
+        .or_else(|| uri.starts_with('/').then_some(uri))
+        .map(PathBuf::from)
+}
+
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, std::fs::Metadata)>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        if meta.is_dir() {
+            walk(&entry.path(), out)?;
+        } else {
+            out.push((entry.path(), meta));
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Every file a retained snapshot or metadata version of the table references.
+    async fn referenced_files(&self, table: &str) -> Result<(String, HashSet<PathBuf>)> {
+        let id = self.table_id(table)?;
+        let state = self.current(&id, Duration::ZERO).await?;
+        let md = &state.metadata;
+        let mut uris: Vec<String> = vec![state.metadata_location.clone()];
+        uris.extend(md.metadata_log().iter().map(|l| l.metadata_file.clone()));
+        for s in md.snapshots() {
+            let files = self
+                .snapshot_files(md, s.snapshot_id())
+                .await?
+                .ok_or_else(|| Error::internal("snapshot vanished from its own metadata"))?;
+            uris.extend(files.manifest_list.iter().cloned());
+            uris.extend(files.manifests.iter().cloned());
+            uris.extend(files.data.iter().map(|f| f.path().to_string()));
+            uris.extend(files.delete_paths.iter().cloned());
+        }
+        let referenced = uris.iter().filter_map(|u| local_path(u)).collect();
+        Ok((md.location().to_string(), referenced))
+    }
+
+    /// Deletes files under the table's `data/` and `metadata/` that nothing references and
+    /// that are older than `older_than` (younger ones may belong to a write in progress).
+    pub async fn remove_orphans(
+        &self,
+        table: &str,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<Orphans> {
+        let (location, referenced) = self.referenced_files(table).await?;
+        let Some(root) = local_path(&location) else {
+            return Err(Error::config(format!(
+                "remove-orphans supports local warehouses in this version, not {location}"
+            )));
+        };
+        let mut found = Vec::new();
+        for sub in ["data", "metadata"] {
+            match walk(&root.join(sub), &mut found) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::storage(format!("list {}: {e}", root.display()))),
+            }
+        }
+        let now = SystemTime::now();
+        let mut out = Orphans::default();
+        for (path, meta) in found {
+            if referenced.contains(&path) {
+                continue;
+            }
+            let age = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .unwrap_or_default();
+            if age < older_than {
+                out.too_young += 1;
+                continue;
+            }
+            out.bytes += meta.len();
+            out.paths.push(format!("file://{}", path.display()));
+        }
+        out.paths.sort();
+        if !dry_run {
+            delete_quietly(&self.file_io, &out.paths).await;
+        }
+        Ok(out)
+    }
+
+    /// Rows whose entity key another live row of the table also has (0 for tables we wrote;
+    /// append-only writers such as the contrib store leave them).
+    pub async fn duplicate_keys(&self, table: &str) -> Result<u64> {
+        let id = self.table_id(table)?;
+        let state = self.current(&id, Duration::ZERO).await?;
+        let mut by_bucket: HashMap<Option<i32>, Vec<&str>> = HashMap::new();
+        for f in &state.files.data {
+            by_bucket.entry(f.bucket).or_default().push(f.path());
+        }
+        let mut duplicates = 0u64;
+        for paths in by_bucket.values() {
+            let mut seen: HashSet<Vec<u8>> = HashSet::new();
+            for path in paths {
+                let bytes = self.file_io.new_input(*path)?.read().await?;
+                let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+                let Some(column) = builder
+                    .parquet_schema()
+                    .columns()
+                    .iter()
+                    .position(|c| c.path().string() == ENTITY_KEY)
+                else {
+                    return Err(Error::corrupt(&id, format!("{path} has no entity_key")));
+                };
+                let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
+                for batch in builder.with_projection(mask).build()? {
+                    let keys = keys_of_column(batch?.column(0))?;
+                    for i in 0..keys.len() {
+                        if !keys.is_null(i) && !seen.insert(keys.value(i).to_vec()) {
+                            duplicates += 1;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(duplicates)
+    }
+
+    /// Rewrites buckets with several data files (or every bucket with `all`) into one sorted
+    /// file each. A dry run reports what would be rewritten.
+    pub async fn compact(&self, table: &str, all: bool, dry_run: bool) -> Result<WriteReport> {
+        if !dry_run {
+            return compact(self, table, all).await;
+        }
+        let id = self.table_id(table)?;
+        let state = self.current(&id, Duration::ZERO).await?;
+        let buckets = compaction_buckets(&state, all);
+        let files = state
+            .files
+            .buckets()
+            .filter(|(b, _)| buckets.contains(b))
+            .map(|(_, f)| f.len())
+            .sum();
+        Ok(WriteReport {
+            buckets: buckets.len(),
+            files_removed: files,
+            ..WriteReport::default()
+        })
+    }
 }
 
 #[cfg(test)]

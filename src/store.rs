@@ -150,7 +150,7 @@ impl Store {
         }
     }
 
-    async fn snapshot_files(
+    pub(crate) async fn snapshot_files(
         &self,
         md: &TableMetadata,
         snapshot_id: i64,
@@ -557,14 +557,14 @@ impl Store {
     }
 
     /// Expires snapshots past retention now, with a metadata-only commit. Returns how many
-    /// snapshots were expired.
-    pub async fn expire(&self, table: &str) -> Result<usize> {
+    /// snapshots were (on a dry run: would be) expired.
+    pub async fn expire(&self, table: &str, dry_run: bool) -> Result<usize> {
         let id = self.table_id(table)?;
         for _ in 0..=self.config.commit_max_retries {
             let state = self.current(&id, Duration::ZERO).await?;
             let expire = self.expirable(&state.metadata, false);
-            if expire.is_empty() {
-                return Ok(0);
+            if expire.is_empty() || dry_run {
+                return Ok(expire.len());
             }
             let prepared = write::prepare(
                 &self.file_io,

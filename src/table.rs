@@ -43,6 +43,8 @@ pub struct SnapshotFiles {
     /// Position-delete or equality-delete files: we never write them, and our reads do not
     /// apply them yet, so their presence is reported rather than silently ignored.
     pub delete_files: usize,
+    /// Their paths (they must survive orphan removal).
+    pub delete_paths: Vec<String>,
 }
 
 impl SnapshotFiles {
@@ -70,6 +72,7 @@ impl SnapshotFiles {
                 }
                 if entry.content_type() != DataContentType::Data {
                     out.delete_files += 1;
+                    out.delete_paths.push(entry.file_path().to_string());
                     continue;
                 }
                 let bucket = bucket_of(entry);
@@ -94,6 +97,11 @@ impl SnapshotFiles {
             .into_iter()
             .flatten()
             .chain(self.unbucketed.iter())
+    }
+
+    /// Each bucket with its files.
+    pub fn buckets(&self) -> impl Iterator<Item = (i32, &[Arc<LiveFile>])> {
+        self.by_bucket.iter().map(|(b, f)| (*b, f.as_slice()))
     }
 
     pub fn unbucketed_count(&self) -> usize {

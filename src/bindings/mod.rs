@@ -14,6 +14,7 @@ use crate::error::Result;
 use crate::runtime;
 use crate::schema::ColumnSpec;
 use crate::store::Store;
+use crate::write::WriteReport;
 
 /// Byte strings copied out of Python objects into one buffer, so the GIL can be released while
 /// Rust works on them.
@@ -128,15 +129,46 @@ impl PyStore {
             created_ts: &created_ts_micros,
         };
         let report = run(py, self.inner.write(&table, &input))?;
+        write_report(py, &report)
+    }
+
+    /// Rewrites buckets with several files (every bucket with `all`) into one sorted file
+    /// each, newest row per key, in one `replace` snapshot.
+    #[pyo3(signature = (table, all=false, dry_run=false))]
+    fn compact<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        all: bool,
+        dry_run: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let report = run(py, self.inner.compact(&table, all, dry_run))?;
+        write_report(py, &report)
+    }
+
+    /// Deletes unreferenced files older than `older_than_seconds` under the table.
+    #[pyo3(signature = (table, older_than_seconds, dry_run=false))]
+    fn remove_orphans<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        older_than_seconds: f64,
+        dry_run: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let older_than = std::time::Duration::try_from_secs_f64(older_than_seconds)
+            .map_err(|e| errors::to_py(crate::Error::config(format!("older_than: {e}"))))?;
+        let o = run(py, self.inner.remove_orphans(&table, older_than, dry_run))?;
         let d = PyDict::new(py);
-        d.set_item("rows_written", report.rows_written)?;
-        d.set_item("rows_ignored_older", report.rows_ignored_older)?;
-        d.set_item("buckets", report.buckets)?;
-        d.set_item("files_added", report.files_added)?;
-        d.set_item("files_removed", report.files_removed)?;
-        d.set_item("attempts", report.attempts)?;
-        d.set_item("snapshot_id", report.snapshot_id)?;
+        d.set_item("files", o.paths.len())?;
+        d.set_item("bytes", o.bytes)?;
+        d.set_item("too_young", o.too_young)?;
+        d.set_item("paths", o.paths)?;
         Ok(d)
+    }
+
+    /// Rows whose entity key another live row also has.
+    fn duplicate_keys(&self, py: Python<'_>, table: String) -> PyResult<u64> {
+        run(py, self.inner.duplicate_keys(&table))
     }
 
     #[pyo3(signature = (table, entity_keys, features=None))]
@@ -198,12 +230,30 @@ impl PyStore {
         Ok(d)
     }
 
-    fn expire<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {
-        let expired = run(py, self.inner.expire(&table))?;
+    #[pyo3(signature = (table, dry_run=false))]
+    fn expire<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        dry_run: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let expired = run(py, self.inner.expire(&table, dry_run))?;
         let d = PyDict::new(py);
         d.set_item("snapshots_expired", expired)?;
         Ok(d)
     }
+}
+
+fn write_report<'py>(py: Python<'py>, report: &WriteReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("rows_written", report.rows_written)?;
+    d.set_item("rows_ignored_older", report.rows_ignored_older)?;
+    d.set_item("buckets", report.buckets)?;
+    d.set_item("files_added", report.files_added)?;
+    d.set_item("files_removed", report.files_removed)?;
+    d.set_item("attempts", report.attempts)?;
+    d.set_item("snapshot_id", report.snapshot_id)?;
+    Ok(d)
 }
 
 /// Feast's `serialize_entity_key` for serialized `EntityKey` protos.

@@ -50,6 +50,14 @@ pub fn keys_of(batch: &RecordBatch, layout: &Layout) -> Result<LargeBinaryArray>
         .ok_or_else(|| Error::internal("entity_key column is not LargeBinary"))
 }
 
+/// An entity-key column as read from any file (`binary` may arrive as Binary or LargeBinary).
+pub fn keys_of_column(column: &ArrayRef) -> Result<LargeBinaryArray> {
+    arrow_cast::cast(column, &arrow_schema::DataType::LargeBinary)?
+        .as_binary_opt::<i64>()
+        .cloned()
+        .ok_or_else(|| Error::internal("entity_key column is not binary"))
+}
+
 /// Re-shapes a batch read from a file to the table's current Arrow schema: columns matched by
 /// name, cast when an older writer used another Arrow type, null when the file predates the
 /// column (schema evolution).

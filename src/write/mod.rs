@@ -117,6 +117,7 @@ async fn rewrite_bucket(
     bucket: i32,
     rows: Vec<usize>,
     attempt_id: Uuid,
+    force: bool,
 ) -> Result<Option<BucketRewrite>> {
     let layout = &state.layout;
     let files: Vec<Arc<LiveFile>> = state.files.files_for_bucket(bucket).cloned().collect();
@@ -135,7 +136,7 @@ async fn rewrite_bucket(
         1 => parts.pop(),
         _ => Some(arrow_select::concat::concat_batches(&layout.arrow, &parts)?),
     };
-    let (merged, stats) = merge_bucket(existing.as_ref(), &incoming, &rows, layout)?;
+    let (merged, stats) = merge_bucket(existing.as_ref(), &incoming, &rows, layout, force)?;
     let Some(merged) = merged else {
         return Ok(Some(BucketRewrite {
             added: Vec::new(),
@@ -157,12 +158,15 @@ enum Attempt {
     Conflict,
 }
 
-async fn try_commit(
-    store: &Store,
-    state: &Arc<TableState>,
-    incoming: &Arc<RecordBatch>,
-    groups: &BTreeMap<i32, Vec<usize>>,
-) -> Result<Attempt> {
+/// What one commit attempt rewrites: the incoming rows grouped by bucket, or (compaction)
+/// buckets rewritten from their own rows, deduplicated and sorted.
+struct Plan {
+    incoming: Arc<RecordBatch>,
+    groups: BTreeMap<i32, Vec<usize>>,
+    compaction: bool,
+}
+
+async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Result<Attempt> {
     if state.files.unbucketed_count() > 0 {
         return Err(Error::input(format!(
             "table {} holds files not partitioned by bucket(entity_key) (written by another \
@@ -176,21 +180,26 @@ async fn try_commit(
         cache: store.files.clone(),
         stats: store.io.clone(),
     };
-    let tasks: Vec<_> = groups
+    let tasks: Vec<_> = plan
+        .groups
         .iter()
         .map(|(&bucket, rows)| {
             tokio::spawn(rewrite_bucket(
                 io.clone(),
                 state.clone(),
-                incoming.clone(),
+                plan.incoming.clone(),
                 bucket,
                 rows.clone(),
                 attempt_id,
+                plan.compaction,
             ))
         })
         .collect();
     let mut report = WriteReport::default();
-    let mut changes = Changes::default();
+    let mut changes = Changes {
+        compaction: plan.compaction,
+        ..Changes::default()
+    };
     let mut first_error = None;
     for t in tasks {
         match t
@@ -259,14 +268,19 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + fastrand::u64(0..=base))
 }
 
-pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
+/// Plans against the current table, commits, and on a conflict reloads, re-plans and retries
+/// with jittered backoff, up to `commit_max_retries`.
+async fn commit_with_retries(
+    store: &Store,
+    table: &str,
+    mut plan_for: impl FnMut(&TableState) -> Result<Arc<Plan>>,
+) -> Result<WriteReport> {
     let id = store.table_id(table)?;
     let mut state = store.current(&id, Duration::ZERO).await?;
-    let mut incoming = Arc::new(build_write_batch(&state.layout, input)?);
-    let mut groups = winners_by_bucket(&incoming, &state.layout)?;
+    let mut plan = plan_for(&state)?;
     let attempts = store.config.commit_max_retries + 1;
     for attempt in 1..=attempts {
-        let outcome = match try_commit(store, &state, &incoming, &groups).await {
+        let outcome = match try_commit(store, &state, &plan).await {
             // A file of the snapshot we planned on is gone: another writer committed and
             // expired it. That is a conflict, unless the catalog still names our snapshot.
             Err(Error::FileNotFound(detail)) => {
@@ -285,12 +299,8 @@ pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Resul
             }
             Attempt::Conflict if attempt < attempts => {
                 tokio::time::sleep(backoff(attempt)).await;
-                let fresh = store.current(&id, Duration::ZERO).await?;
-                if fresh.layout.schema.schema_id() != state.layout.schema.schema_id() {
-                    incoming = Arc::new(build_write_batch(&fresh.layout, input)?);
-                    groups = winners_by_bucket(&incoming, &fresh.layout)?;
-                }
-                state = fresh;
+                state = store.current(&id, Duration::ZERO).await?;
+                plan = plan_for(&state)?;
             }
             Attempt::Conflict => {}
         }
@@ -299,4 +309,53 @@ pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Resul
         table: id.to_string(),
         attempts,
     })
+}
+
+pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
+    // Converting the batch is the costly part of planning: redo it only if the schema moved.
+    let mut built: Option<(i32, Arc<Plan>)> = None;
+    commit_with_retries(store, table, |state| {
+        let schema_id = state.layout.schema.schema_id();
+        if let Some((id, plan)) = &built
+            && *id == schema_id
+        {
+            return Ok(plan.clone());
+        }
+        let incoming = Arc::new(build_write_batch(&state.layout, input)?);
+        let groups = winners_by_bucket(&incoming, &state.layout)?;
+        let plan = Arc::new(Plan {
+            incoming,
+            groups,
+            compaction: false,
+        });
+        built = Some((schema_id, plan.clone()));
+        Ok(plan)
+    })
+    .await
+}
+
+/// Buckets a compaction rewrites: those with several data files, or every bucket (`all`,
+/// which also removes duplicate keys inside single files).
+pub fn compaction_buckets(state: &TableState, all: bool) -> Vec<i32> {
+    state
+        .files
+        .buckets()
+        .filter(|(_, files)| all || files.len() > 1)
+        .map(|(b, _)| b)
+        .collect()
+}
+
+/// Rewrites buckets into one sorted file each, newest row per key, in one `replace` snapshot.
+pub async fn compact(store: &Store, table: &str, all: bool) -> Result<WriteReport> {
+    commit_with_retries(store, table, |state| {
+        Ok(Arc::new(Plan {
+            incoming: Arc::new(RecordBatch::new_empty(state.layout.arrow.clone())),
+            groups: compaction_buckets(state, all)
+                .into_iter()
+                .map(|b| (b, Vec::new()))
+                .collect(),
+            compaction: true,
+        }))
+    })
+    .await
 }

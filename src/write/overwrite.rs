@@ -50,7 +50,7 @@ fn summary(
     base: &TableState,
     added: &[DataFile],
     removed: &[Arc<LiveFile>],
-    buckets_changed: usize,
+    changes: &Shape,
 ) -> Summary {
     let sum = |it: &mut dyn Iterator<Item = u64>| it.sum::<u64>();
     let added_records = sum(&mut added.iter().map(DataFile::record_count));
@@ -67,7 +67,7 @@ fn summary(
         ("deleted-records", removed_records),
         ("added-files-size", added_bytes),
         ("removed-files-size", removed_bytes),
-        ("changed-partition-count", buckets_changed as u64),
+        ("changed-partition-count", changes.buckets_changed as u64),
         ("total-records", total_records),
         ("total-files-size", total_bytes),
         ("total-data-files", total_files as u64),
@@ -76,7 +76,9 @@ fn summary(
         ("total-equality-deletes", 0),
     ];
     Summary {
-        operation: if removed.is_empty() {
+        operation: if changes.compaction {
+            Operation::Replace
+        } else if removed.is_empty() {
             Operation::Append
         } else {
             Operation::Overwrite
@@ -91,19 +93,25 @@ fn summary(
 
 /// Writes the manifest and manifest list of a snapshot that adds `added` and removes `removed`
 /// relative to `base`, and returns the snapshot.
+/// The parts of `Changes` the snapshot summary describes.
+struct Shape {
+    buckets_changed: usize,
+    compaction: bool,
+}
+
 async fn write_snapshot(
     file_io: &FileIO,
     base: &TableState,
     added: Vec<DataFile>,
     removed: &[Arc<LiveFile>],
-    buckets_changed: usize,
+    shape: &Shape,
     written: &mut Vec<String>,
 ) -> Result<Snapshot> {
     let md = &base.metadata;
     let snapshot_id = new_snapshot_id(md);
     let seq = md.next_sequence_number();
     let commit = Uuid::new_v4();
-    let summary = summary(base, &added, removed, buckets_changed);
+    let summary = summary(base, &added, removed, shape);
 
     let manifest_path = format!("{}/metadata/{commit}-m0.avro", md.location());
     written.push(manifest_path.clone());
@@ -162,6 +170,8 @@ pub struct Changes {
     pub added: Vec<DataFile>,
     pub removed: Vec<Arc<LiveFile>>,
     pub buckets_changed: usize,
+    /// The rows are the same, only rewritten (`replace` rather than `overwrite`).
+    pub compaction: bool,
     /// Snapshots to drop from the metadata in the same commit (retention).
     pub expire: Vec<i64>,
     /// Replaces the metadata before the snapshot is added (schema or property changes).
@@ -207,7 +217,10 @@ async fn prepare_inner(
             base,
             changes.added,
             &changes.removed,
-            changes.buckets_changed,
+            &Shape {
+                buckets_changed: changes.buckets_changed,
+                compaction: changes.compaction,
+            },
             written,
         )
         .await?;

@@ -50,12 +50,14 @@ pub struct MergeStats {
 
 /// Merges `incoming[rows]` into the bucket's `existing` rows: per key the newest version wins
 /// (an incoming row wins a full tie: it is the later write). Returns the merged rows sorted by
-/// entity key, or None when no incoming row wins (nothing to rewrite).
+/// entity key, or None when no incoming row wins and `force` is off (nothing to rewrite).
+/// `force` (compaction) returns the existing rows deduplicated and sorted all the same.
 pub fn merge_bucket(
     existing: Option<&RecordBatch>,
     incoming: &RecordBatch,
     rows: &[usize],
     layout: &Layout,
+    force: bool,
 ) -> Result<(Option<RecordBatch>, MergeStats)> {
     const EXISTING: usize = 0;
     const INCOMING: usize = 1;
@@ -88,7 +90,7 @@ pub fn merge_bucket(
             }
         }
     }
-    if stats.written == 0 {
+    if stats.written == 0 && !force {
         return Ok((None, stats));
     }
     let mut ordered: Vec<(&[u8], (usize, usize))> = winners
