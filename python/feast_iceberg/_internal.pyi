@@ -96,5 +96,20 @@ class Store:
     def stats(self, table: str) -> dict[str, Any]:
         """Rows, files, bytes and snapshots of the current table state."""
 
-    def expire(self, table: str) -> dict[str, Any]:
-        """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits)."""
+    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Rewrite buckets with several data files (every bucket with `all`) into one sorted
+        file each, newest row per key, in one `replace` snapshot. Same report as `write`."""
+
+    def remove_orphans(
+        self, table: str, older_than_seconds: float, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Delete files under the table's data/ and metadata/ that no retained snapshot or
+        metadata version references and that are older than `older_than_seconds`. Returns
+        files, bytes, too_young (unreferenced but younger) and paths."""
+
+    def duplicate_keys(self, table: str) -> int:
+        """Rows whose entity key another live row also has (0 for tables feast-iceberg wrote)."""
+
+    def expire(self, table: str, dry_run: bool = False) -> dict[str, Any]:
+        """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits).
+        Returns snapshots_expired (on a dry run: how many would be)."""
