@@ -200,6 +200,19 @@ def table(spec: dict[str, Any], results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def storage_curve(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Bytes and files on disk after each materialization, per store."""
+    lines = []
+    for store, result in results.items():
+        runs = dig(result, "materialize", "runs") or []
+        if runs and "bytes" in runs[0]:
+            sizes = " ".join(f"{r['bytes'] / 1e6:.1f}" for r in runs)
+            files = " ".join(str(r["files"]) for r in runs)
+            lines.append(f"  {stores.LABELS[store]}: MB {sizes}")
+            lines.append(f"  {' ' * len(stores.LABELS[store])}  files {files}")
+    return lines
+
+
 def errors(results: dict[str, dict[str, Any]]) -> list[str]:
     return [
         f"{stores.LABELS[store]} / {section}: {message}"

@@ -125,6 +125,10 @@ def main() -> int:
 
     print()
     print(report.table(spec, results))
+    curve = report.storage_curve(results)
+    if curve:
+        print("\nbytes and files on disk after each materialization:")
+        print("\n".join(curve))
     lines = report.targets(spec, results)
     if lines:
         print("\nDESIGN.md targets, this run:")

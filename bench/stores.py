@@ -48,6 +48,14 @@ def _tree_bytes(path: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
+def disk_usage(store: str, data_dir: Path) -> tuple[int, int]:
+    """Bytes and files the online store keeps on disk (cheap: no table scan)."""
+    if store == "sqlite":
+        files = list(data_dir.glob("online.db*"))
+        return sum(p.stat().st_size for p in files), len(files)
+    return _tree_bytes(data_dir / "iceberg_warehouse")
+
+
 def storage(store: str, data_dir: Path) -> dict[str, object]:
     """Live rows and bytes on disk of the feature view's online table."""
     if store == "sqlite":

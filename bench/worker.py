@@ -251,7 +251,16 @@ def bench_materialize(results: Results, store: str, root: Path, spec: dict[str, 
         t0 = time.perf_counter()
         repo.fs.materialize(start, end, feature_views=[workload.FEATURE_VIEW])
         seconds = time.perf_counter() - t0
-        out["runs"].append({"rows": len(df), "seconds": seconds, "rows_per_s": len(df) / seconds})
+        size, files = stores.disk_usage(store, repo.data_dir)
+        out["runs"].append(
+            {
+                "rows": len(df),
+                "seconds": seconds,
+                "rows_per_s": len(df) / seconds,
+                "bytes": size,
+                "files": files,
+            }
+        )
         if round_ in (0, last):
             label = "after_1" if round_ == 0 else "after_n"
             out[label] = {
