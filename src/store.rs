@@ -513,29 +513,15 @@ impl Store {
         let keys = keys.finish();
         let refresh = self.config.metadata_refresh();
         let state = self.current(&id, refresh).await?;
-        match read::lookup(
-            &state,
-            &self.files,
-            &self.file_io,
-            &self.io,
-            &keys,
-            features,
-        )
-        .await
-        {
+        let keys = &keys;
+        let lookup = |state: Arc<TableState>| async move {
+            read::lookup(&state, &self.files, &self.file_io, &self.io, keys, features).await
+        };
+        match lookup(state).await {
             // A file vanished under us (expired by another process): refresh and retry once.
             Err(Error::FileNotFound(_)) => {
                 let state = self.current(&id, Duration::ZERO).await?;
-                read::lookup(
-                    &state,
-                    &self.files,
-                    &self.file_io,
-                    &self.io,
-                    &keys,
-                    features,
-                )
-                .await
-                .map_err(|e| e.missing_is_corrupt(&id))
+                lookup(state).await.map_err(|e| e.missing_is_corrupt(&id))
             }
             other => other.map_err(|e| e.in_table(&id)),
         }
