@@ -94,6 +94,74 @@ pub fn serialize_entity_key(key: &EntityKey) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Reads the little-endian words and byte strings of Feast's entity-key encoding.
+struct KeyReader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> KeyReader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.bytes.split_at_checked(n)?;
+        self.bytes = rest;
+        Some(head)
+    }
+
+    fn word(&mut self) -> Option<usize> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize)
+    }
+
+    /// A (type, bytes) part.
+    fn part(&mut self) -> Option<(usize, &'a [u8])> {
+        let kind = self.word()?;
+        let len = self.word()?;
+        Some((kind, self.take(len)?))
+    }
+}
+
+fn entity_value(kind: usize, raw: &[u8]) -> Option<Val> {
+    let le8 = || raw.try_into().ok().map(i64::from_le_bytes);
+    Some(match kind {
+        k if k == Scalar::String as usize => Val::StringVal(String::from_utf8(raw.to_vec()).ok()?),
+        k if k == Scalar::Bytes as usize => Val::BytesVal(raw.to_vec()),
+        k if k == Scalar::Int32 as usize => Val::Int32Val(i32::from_le_bytes(raw.try_into().ok()?)),
+        k if k == Scalar::Int64 as usize => Val::Int64Val(le8()?),
+        k if k == Scalar::UnixTimestamp as usize => Val::UnixTimestampVal(le8()?),
+        _ => return None,
+    })
+}
+
+/// The inverse of `serialize_entity_key`: Feast's serialized key (version 3) back to an
+/// `EntityKey` (join keys in Feast's sorted order). Migration needs it: the contrib store kept
+/// only the serialized key, not the join-key values.
+pub fn deserialize_entity_key(bytes: &[u8]) -> Result<EntityKey> {
+    let parse = || -> Option<EntityKey> {
+        let mut r = KeyReader { bytes };
+        let count = r.word()?;
+        // The count comes from the input: each key takes at least 16 bytes, so a count the
+        // bytes cannot hold is rejected before it sizes an allocation.
+        if count > bytes.len() / 16 {
+            return None;
+        }
+        let mut join_keys = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (_, name) = r.part()?;
+            join_keys.push(String::from_utf8(name.to_vec()).ok()?);
+        }
+        let mut entity_values = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (kind, raw) = r.part()?;
+            entity_values.push(Value {
+                val: Some(entity_value(kind, raw)?),
+            });
+        }
+        r.bytes.is_empty().then_some(EntityKey {
+            join_keys,
+            entity_values,
+        })
+    };
+    parse().ok_or_else(|| Error::input("not a Feast serialized entity key (version 3)"))
+}
+
 fn push_u32(out: &mut Vec<u8>, n: usize) -> Result<()> {
     let n = u32::try_from(n).map_err(|_| Error::input("entity key part is larger than 4 GiB"))?;
     out.extend_from_slice(&n.to_le_bytes());
@@ -315,6 +383,29 @@ pub struct WriteInput<'a> {
     pub created_ts: &'a [Option<i64>],
 }
 
+/// The typed join-key columns of `keys`: (position in the table schema, values).
+pub fn join_key_columns(layout: &Layout, keys: &[EntityKey]) -> Result<Vec<(usize, ArrayRef)>> {
+    layout
+        .join_keys
+        .iter()
+        .map(|col| {
+            let cells: Vec<Vec<u8>> = keys
+                .iter()
+                .map(|k| {
+                    k.join_keys
+                        .iter()
+                        .position(|n| *n == col.name)
+                        .map(|i| k.entity_values[i].encode_to_vec())
+                        .unwrap_or_default()
+                })
+                .collect();
+            let refs: Vec<&[u8]> = cells.iter().map(Vec::as_slice).collect();
+            let dt = layout.arrow.field(col.index).data_type();
+            Ok((col.index, values_to_array(col, dt, &refs)?))
+        })
+        .collect()
+}
+
 /// Validates a batch and converts it to one `RecordBatch` in the table schema, before any I/O.
 pub fn build_write_batch(layout: &Layout, input: &WriteInput<'_>) -> Result<RecordBatch> {
     let rows = input.entity_keys.len();
@@ -355,20 +446,8 @@ pub fn build_write_batch(layout: &Layout, input: &WriteInput<'_>) -> Result<Reco
     }
     columns[layout.entity_key] = Some(Arc::new(serialized.finish()));
 
-    for col in &layout.join_keys {
-        let cells: Vec<Vec<u8>> = keys
-            .iter()
-            .map(|k| {
-                k.join_keys
-                    .iter()
-                    .position(|n| *n == col.name)
-                    .map(|i| k.entity_values[i].encode_to_vec())
-                    .unwrap_or_default()
-            })
-            .collect();
-        let refs: Vec<&[u8]> = cells.iter().map(Vec::as_slice).collect();
-        let dt = layout.arrow.field(col.index).data_type();
-        columns[col.index] = Some(values_to_array(col, dt, &refs)?);
+    for (index, array) in join_key_columns(layout, &keys)? {
+        columns[index] = Some(array);
     }
 
     let ts_type = layout.arrow.field(layout.event_ts).data_type().clone();
@@ -592,6 +671,23 @@ mod tests {
         .unwrap();
         assert_eq!(a, b);
         assert!(serialize_entity_key(&key(&[("a", Val::DoubleVal(1.0))])).is_err());
+    }
+
+    #[test]
+    fn deserialize_inverts_serialize() {
+        let k = key(&[
+            ("zone", Val::StringVal("eu".into())),
+            ("id", Val::Int64Val(-7)),
+            ("n", Val::Int32Val(3)),
+            ("blob", Val::BytesVal(vec![0, 255])),
+            ("at", Val::UnixTimestampVal(1_767_225_600)),
+        ]);
+        let bytes = serialize_entity_key(&k).unwrap();
+        let back = deserialize_entity_key(&bytes).unwrap();
+        assert_eq!(serialize_entity_key(&back).unwrap(), bytes);
+        assert_eq!(back.join_keys, vec!["at", "blob", "id", "n", "zone"]);
+        assert!(deserialize_entity_key(&bytes[..bytes.len() - 1]).is_err());
+        assert!(deserialize_entity_key(b"garbage").is_err());
     }
 
     #[test]

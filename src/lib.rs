@@ -4,13 +4,15 @@
 //! without an interpreter. Module map: `config` (settings), `catalog` (where metadata lives and
 //! the atomic swap), `storage` (FileIO), `schema` (Feast <-> Iceberg types), `proto` + `convert`
 //! (Feast protos <-> Arrow, entity keys), `table` (a loaded table), `read` (point lookups),
-//! `write` (upserts and snapshot building), `maintenance` (retention), `store` (ties them up).
+//! `write` (upserts, compaction and snapshot building), `maintenance` (retention, orphans),
+//! `migrate` (from the contrib store's layout), `store` (ties them up).
 
 pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod maintenance;
+pub mod migrate;
 pub mod proto;
 pub mod read;
 pub mod runtime;

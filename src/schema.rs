@@ -305,6 +305,14 @@ pub fn type_properties(
 
 /// The declared Feast types of a table (join keys and features).
 pub fn declared_types(md: &TableMetadata) -> Result<BTreeMap<String, i32>> {
+    let contrib = md.current_schema().field_by_name("entity_hash").is_some();
+    if contrib && !md.properties().contains_key(PROP_VALUE_TYPES) {
+        return Err(Error::schema(format!(
+            "the table at {} was written by Feast's contrib Iceberg online store; convert it \
+             with `feast-iceberg migrate` (then run `feast apply`)",
+            md.location()
+        )));
+    }
     let raw = md.properties().get(PROP_VALUE_TYPES).ok_or_else(|| {
         Error::corrupt(
             md.location(),

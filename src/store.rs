@@ -67,7 +67,7 @@ impl Store {
         })
     }
 
-    async fn catalog(&self) -> Result<&Arc<dyn Catalog>> {
+    pub(crate) async fn catalog(&self) -> Result<&Arc<dyn Catalog>> {
         self.catalog
             .get_or_try_init(|| catalog::connect(&self.config))
             .await
@@ -79,6 +79,11 @@ impl Store {
             namespace: self.config.namespace.clone(),
             name: table.to_string(),
         })
+    }
+
+    /// Drops what we cached of a table that is gone or whose identifier names other metadata.
+    pub(crate) fn forget(&self, id: &TableId) {
+        lock(&self.tables).remove(id);
     }
 
     fn cached(&self, id: &TableId) -> Option<Arc<TableState>> {
@@ -99,7 +104,7 @@ impl Store {
             return Ok(s.clone());
         }
         let Some(location) = self.catalog().await?.metadata_location(id).await? else {
-            lock(&self.tables).remove(id);
+            self.forget(id);
             return Err(Error::TableNotFound(id.to_string()));
         };
         let state = match cached {
@@ -456,12 +461,20 @@ impl Store {
     pub async fn drop_table(&self, table: &str) -> Result<bool> {
         let id = self.table_id(table)?;
         let location = self.catalog().await?.unregister(&id).await?;
-        lock(&self.tables).remove(&id);
-        if location.is_none() {
+        self.forget(&id);
+        let Some(location) = location else {
             return Ok(false);
+        };
+        // A migrated table lives where it was built (`<name>__migrating`), and the contrib
+        // files it replaced stay at the default location: remove both.
+        let default_root = storage::table_location(&self.config, &id.namespace, &id.name);
+        let root = location
+            .rsplit_once("/metadata/")
+            .map_or(default_root.as_str(), |(root, _)| root);
+        self.file_io.delete_prefix(root).await?;
+        if root != default_root {
+            self.file_io.delete_prefix(&default_root).await?;
         }
-        let root = storage::table_location(&self.config, &id.namespace, &id.name);
-        self.file_io.delete_prefix(&root).await?;
         Ok(true)
     }
 

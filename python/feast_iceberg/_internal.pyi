@@ -107,6 +107,17 @@ class Store:
         metadata version references and that are older than `older_than_seconds`. Returns
         files, bytes, too_young (unreferenced but younger) and paths."""
 
+    def migrate(
+        self,
+        table: str,
+        join_keys: list[tuple[str, int]],
+        features: list[tuple[str, int]],
+        dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """Convert a table written by Feast's contrib Iceberg store into this layout in place,
+        newest row per key, swapped in atomically. Returns already_migrated, files_read,
+        rows_read, rows_live, previous_metadata (the contrib files are left in place)."""
+
     def duplicate_keys(self, table: str) -> int:
         """Rows whose entity key another live row also has (0 for tables feast-iceberg wrote)."""
 

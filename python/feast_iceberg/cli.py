@@ -214,6 +214,37 @@ def compact(
     _emit(rows, as_json, ["feature_view", "table", "buckets", "files_removed", "files_added"])
 
 
+@cli.command()
+@VIEWS
+@DRY_RUN
+@JSON
+@click.pass_context
+def migrate(ctx: click.Context, views: tuple[str, ...], dry_run: bool, as_json: bool) -> None:
+    """Convert tables written by Feast's contrib Iceberg store into this store's layout.
+
+    Run it after switching `type:` in feature_store.yaml and before `feast apply`. Each table is
+    rebuilt beside the old one (newest row per entity key) and swapped in atomically under the
+    same name; the contrib files are left where they were (see previous_metadata).
+    """
+    from feast import FeatureStore
+
+    from .online_store import _column_types
+
+    repo: Repo = ctx.obj
+    fs = FeatureStore(repo_path=str(repo.repo_path), fs_yaml_file=repo.yaml_path)
+    views_by_name = {fv.name: fv for fv in fs.list_feature_views()}
+
+    def one(view: str, table: str, store: _internal.Store, _config: Any) -> dict[str, Any]:
+        fv = views_by_name[view]
+        return store.migrate(
+            table, _column_types(fv.entity_columns), _column_types(fv.features), dry_run=dry_run
+        )
+
+    rows = _each_table(ctx, views, "migrating", one)
+    _emit(rows, as_json, ["feature_view", "table", "already_migrated", "files_read", "rows_read",
+                          "rows_live"])  # fmt: skip
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -166,6 +166,31 @@ impl PyStore {
         Ok(d)
     }
 
+    /// Converts a table written by Feast's contrib Iceberg store into this layout, atomically,
+    /// keeping the newest row per key. Types are Feast `ValueType` ints.
+    #[pyo3(signature = (table, join_keys, features, dry_run=false))]
+    fn migrate<'py>(
+        &self,
+        py: Python<'py>,
+        table: String,
+        join_keys: Vec<(String, i32)>,
+        features: Vec<(String, i32)>,
+        dry_run: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (join_keys, features) = (specs(join_keys), specs(features));
+        let r = run(
+            py,
+            self.inner.migrate(&table, &join_keys, &features, dry_run),
+        )?;
+        let d = PyDict::new(py);
+        d.set_item("already_migrated", r.already_migrated)?;
+        d.set_item("files_read", r.files_read)?;
+        d.set_item("rows_read", r.rows_read)?;
+        d.set_item("rows_live", r.rows_live)?;
+        d.set_item("previous_metadata", r.previous_metadata)?;
+        Ok(d)
+    }
+
     /// Rows whose entity key another live row also has.
     fn duplicate_keys(&self, py: Python<'_>, table: String) -> PyResult<u64> {
         run(py, self.inner.duplicate_keys(&table))

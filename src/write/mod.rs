@@ -334,6 +334,25 @@ pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Resul
     .await
 }
 
+/// Upserts rows already in the table's Arrow schema (migration converts them itself).
+pub async fn upsert_batch(store: &Store, table: &str, batch: RecordBatch) -> Result<WriteReport> {
+    let incoming = Arc::new(batch);
+    commit_with_retries(store, table, |state| {
+        if incoming.schema() != state.layout.arrow {
+            return Err(Error::schema(format!(
+                "{} changed schema while rows were being converted for it",
+                state.id
+            )));
+        }
+        Ok(Arc::new(Plan {
+            incoming: incoming.clone(),
+            groups: winners_by_bucket(&incoming, &state.layout)?,
+            compaction: false,
+        }))
+    })
+    .await
+}
+
 /// Buckets a compaction rewrites: those with several data files, or every bucket (`all`,
 /// which also removes duplicate keys inside single files).
 pub fn compaction_buckets(state: &TableState, all: bool) -> Vec<i32> {
