@@ -24,7 +24,7 @@ use crate::schema::{
     CREATED_TS, ColumnKind, ColumnSpec, ENTITY_KEY, EVENT_TS, Layout, PROP_VALUE_TYPES,
 };
 use crate::store::Store;
-use crate::table::{SnapshotFiles, TableState};
+use crate::table::{SnapshotFiles, TableState, read_metadata};
 use crate::write::upsert_batch;
 
 /// What a migration did (or, on a dry run, found).
@@ -135,9 +135,7 @@ impl Store {
         let Some(location) = catalog.metadata_location(&id).await? else {
             return Err(Error::TableNotFound(id.to_string()));
         };
-        let bytes = self.file_io.new_input(&location)?.read().await?;
-        let metadata: iceberg::spec::TableMetadata = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(&id, format!("{location}: {e}")))?;
+        let metadata = read_metadata(&self.file_io, &self.io.metadata, &id, &location).await?;
         let mut report = MigrationReport {
             previous_metadata: location.clone(),
             ..MigrationReport::default()
@@ -199,13 +197,14 @@ impl Store {
         staging: &str,
         staged: &TableId,
     ) -> Result<Arc<TableState>> {
+        // The staging table is ours alone: its layout stays what ensure_table made it.
+        let layout = self.current(staged, Duration::ZERO).await?.layout.clone();
         for f in &files.data {
-            let state = self.current(staged, Duration::ZERO).await?;
             let bytes = self.file_io.new_input(f.path())?.read().await?;
             self.io.data.add(bytes.len());
             let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
             for batch in reader {
-                let converted = convert(&batch?, &state.layout)?;
+                let converted = convert(&batch?, &layout)?;
                 upsert_batch(self, staging, converted).await?;
             }
         }

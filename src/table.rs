@@ -126,6 +126,18 @@ fn bucket_of(entry: &ManifestEntryRef) -> Option<i32> {
     }
 }
 
+/// Reads and parses one metadata.json, counting the bytes read.
+pub async fn read_metadata(
+    file_io: &FileIO,
+    io: &IoCounter,
+    id: &TableId,
+    location: &str,
+) -> Result<TableMetadata> {
+    let bytes = file_io.new_input(location)?.read().await?;
+    io.add(bytes.len());
+    serde_json::from_slice(&bytes).map_err(|e| Error::corrupt(id, format!("{location}: {e}")))
+}
+
 /// A table as of one metadata version.
 #[derive(Debug)]
 pub struct TableState {
@@ -153,14 +165,9 @@ impl TableState {
             }
             other => other,
         };
-        let bytes = file_io
-            .new_input(&metadata_location)?
-            .read()
+        let metadata = read_metadata(file_io, io, &id, &metadata_location)
             .await
-            .map_err(|e| corrupt(e.into()))?;
-        io.add(bytes.len());
-        let metadata: TableMetadata = serde_json::from_slice(&bytes)
-            .map_err(|e| Error::corrupt(&shown, format!("{metadata_location}: {e}")))?;
+            .map_err(corrupt)?;
         Self::from_metadata(
             file_io,
             io,
