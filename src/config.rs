@@ -79,7 +79,7 @@ impl StoreConfig {
         if self.snapshot_retention_count == 0 {
             return Err(Error::config("snapshot_retention_count must be >= 1"));
         }
-        crate::catalog::validate_name("namespace", &self.namespace)?;
+        crate::catalog::validate_namespace(&self.namespace)?;
         if self.catalog_name.is_empty() {
             return Err(Error::config("catalog_name must not be empty"));
         }

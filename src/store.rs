@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::builder::LargeBinaryBuilder;
-use iceberg::MetadataLocation;
+use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::{
     FormatVersion, NullOrder, SortDirection, SortField, SortOrder, TableMetadata,
@@ -13,8 +13,8 @@ use iceberg::spec::{
 };
 use tokio::sync::OnceCell;
 
-use crate::catalog::{self, Catalog, TableId};
-use crate::config::StoreConfig;
+use crate::catalog::{self, Catalog, CommitOutcome, TableId};
+use crate::config::{CatalogType, StoreConfig};
 use crate::convert::{WriteInput, decode_entity_key, serialize_entity_key};
 use crate::error::{Error, Result};
 use crate::maintenance;
@@ -33,6 +33,16 @@ pub struct Store {
     tables: Mutex<HashMap<TableId, Arc<TableState>>>,
     /// Files of snapshots we have read, by manifest-list path (unique per snapshot).
     snapshots: Mutex<HashMap<String, Arc<SnapshotFiles>>>,
+}
+
+/// Whether a commit is now the table's current state.
+#[derive(Debug)]
+pub(crate) enum Landed {
+    Yes(Arc<TableState>),
+    /// Another writer won; our files are ours alone and may be deleted.
+    Conflict,
+    /// Not visible after reconciling, yet the catalog may still apply it: keep our files.
+    Unknown,
 }
 
 /// Stats of one table's current state.
@@ -103,20 +113,32 @@ impl Store {
         {
             return Ok(s.clone());
         }
-        let Some(location) = self.catalog().await?.metadata_location(id).await? else {
+        let Some(loaded) = self.catalog().await?.load(id).await? else {
             self.forget(id);
             return Err(Error::TableNotFound(id.to_string()));
         };
-        let state = match cached {
-            Some(s) if s.metadata_location == location => Arc::new(TableState {
+        let state = match (cached, loaded.metadata) {
+            (Some(s), _) if s.metadata_location == loaded.location => Arc::new(TableState {
                 id: s.id.clone(),
-                metadata_location: location,
+                metadata_location: loaded.location,
                 metadata: s.metadata.clone(),
                 layout: s.layout.clone(),
                 files: s.files.clone(),
                 checked_at: Instant::now(),
             }),
-            _ => Arc::new(self.load_state(id, location).await?),
+            // The catalog sent the metadata along: no need to read it from storage again.
+            (_, Some(metadata)) => Arc::new(
+                TableState::from_metadata(
+                    &self.file_io,
+                    &self.io.metadata,
+                    id.clone(),
+                    loaded.location,
+                    Arc::from(metadata),
+                )
+                .await
+                .map_err(|e| e.missing_is_corrupt(id))?,
+            ),
+            (_, None) => Arc::new(self.load_state(id, loaded.location).await?),
         };
         self.remember_snapshot(&state);
         self.install(state.clone());
@@ -183,38 +205,54 @@ impl Store {
         )
     }
 
-    /// Commits a prepared metadata version. Some(new state) on success, None on a conflict (the
-    /// prepared metadata file is then deleted by the caller).
-    pub(crate) async fn swap(
+    /// Commits a prepared metadata version through the catalog. A commit whose fate is unknown
+    /// (REST 5xx) is reconciled first: if the catalog now names our snapshot, it landed.
+    pub(crate) async fn commit(
         &self,
         base: &TableState,
         prepared: &PreparedCommit,
-    ) -> Result<Option<Arc<TableState>>> {
-        let swapped = self
-            .catalog()
-            .await?
-            .swap(
-                &base.id,
-                &base.metadata_location,
-                &prepared.metadata_location,
-            )
-            .await?;
-        if !swapped {
-            return Ok(None);
-        }
-        let state = Arc::new(
-            TableState::from_metadata(
-                &self.file_io,
-                &self.io.metadata,
-                base.id.clone(),
-                prepared.metadata_location.clone(),
-                Arc::new(prepared.metadata.clone()),
-            )
-            .await?,
-        );
+    ) -> Result<Landed> {
+        let catalog = self.catalog().await?;
+        let loaded = match catalog.commit(base, prepared, &self.file_io).await? {
+            CommitOutcome::Committed(loaded) => loaded,
+            CommitOutcome::Conflict => return Ok(Landed::Conflict),
+            CommitOutcome::Unknown(_) => {
+                let now = self.current(&base.id, Duration::ZERO).await?;
+                let ours = prepared
+                    .snapshot_id
+                    .is_some_and(|id| now.metadata.snapshot_by_id(id).is_some());
+                return Ok(if ours {
+                    Landed::Yes(now)
+                } else {
+                    Landed::Unknown
+                });
+            }
+        };
+        let state = match loaded.metadata {
+            Some(metadata) => Arc::new(
+                TableState::from_metadata(
+                    &self.file_io,
+                    &self.io.metadata,
+                    base.id.clone(),
+                    loaded.location,
+                    Arc::from(metadata),
+                )
+                .await?,
+            ),
+            None => Arc::new(self.load_state(&base.id, loaded.location).await?),
+        };
         self.remember_snapshot(&state);
         self.install(state.clone());
-        Ok(Some(state))
+        Ok(Landed::Yes(state))
+    }
+
+    /// Deletes metadata.json files that fell out of the log, unless the catalog manages them.
+    pub(crate) async fn retire_metadata(&self, prepared: &PreparedCommit) {
+        if let Ok(catalog) = self.catalog().await
+            && !catalog.owns_metadata_files()
+        {
+            delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+        }
     }
 
     /// Deletes what the commit made unreachable: files only expired snapshots referenced and
@@ -266,7 +304,7 @@ impl Store {
                 .collect();
             snaps.retain(|k, _| live.contains(k.as_str()));
         }
-        delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+        self.retire_metadata(prepared).await;
     }
 
     // ---- tables -------------------------------------------------------------------------
@@ -380,14 +418,11 @@ impl Store {
                 }
                 Err(Error::TableNotFound(_)) => {
                     let md = self.new_metadata(&id, join_keys, features)?;
-                    let location = MetadataLocation::new_with_metadata(md.location(), &md);
-                    md.write_to(&self.file_io, &location).await?;
                     catalog.ensure_namespace(&id.namespace).await?;
-                    if catalog.register(&id, &location.to_string()).await? {
+                    if catalog.create(&id, &md, &self.file_io).await? {
                         return Ok(());
                     }
                     // Another process created it first: evolve theirs instead.
-                    delete_quietly(&self.file_io, &[location.to_string()]).await;
                 }
                 Err(e) => return Err(e),
             }
@@ -428,32 +463,34 @@ impl Store {
             })
             .collect();
         let _ = join_keys;
-        let metadata = md
-            .as_ref()
-            .clone()
-            .into_builder(None)
-            .add_current_schema(new_schema)?
-            .set_properties(schema::type_properties(&existing_join, &declared)?)?
-            .build()?
-            .metadata;
+        let updates = vec![
+            TableUpdate::AddSchema { schema: new_schema },
+            // -1: the schema added by this commit, whatever id the catalog gives it.
+            TableUpdate::SetCurrentSchema { schema_id: -1 },
+            TableUpdate::SetProperties {
+                updates: schema::type_properties(&existing_join, &declared)?,
+            },
+        ];
         let prepared = write::prepare(
             &self.file_io,
             state,
             Changes {
-                metadata: Some(metadata),
+                updates,
                 ..Changes::default()
             },
         )
         .await?;
-        match self.swap(state, &prepared).await? {
-            Some(_) => {
-                delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+        match self.commit(state, &prepared).await? {
+            Landed::Yes(_) => {
+                self.retire_metadata(&prepared).await;
                 Ok(true)
             }
-            None => {
+            Landed::Conflict => {
                 delete_quietly(&self.file_io, &prepared.written).await;
                 Ok(false)
             }
+            // Reloaded by the caller; a schema that landed is then found up to date.
+            Landed::Unknown => Ok(false),
         }
     }
 
@@ -465,15 +502,20 @@ impl Store {
         let Some(location) = location else {
             return Ok(false);
         };
+        let Some((root, _)) = location.rsplit_once("/metadata/") else {
+            return Err(Error::corrupt(
+                &id,
+                format!("odd metadata location {location}"),
+            ));
+        };
+        self.file_io.delete_prefix(root).await?;
         // A migrated table lives where it was built (`<name>__migrating`), and the contrib
         // files it replaced stay at the default location: remove both.
-        let default_root = storage::table_location(&self.config, &id.namespace, &id.name);
-        let root = location
-            .rsplit_once("/metadata/")
-            .map_or(default_root.as_str(), |(root, _)| root);
-        self.file_io.delete_prefix(root).await?;
-        if root != default_root {
-            self.file_io.delete_prefix(&default_root).await?;
+        if self.config.catalog_type == CatalogType::Sql {
+            let default_root = storage::table_location(&self.config, &id.namespace, &id.name);
+            if root != default_root {
+                self.file_io.delete_prefix(&default_root).await?;
+            }
         }
         Ok(true)
     }
@@ -574,13 +616,14 @@ impl Store {
                 },
             )
             .await?;
-            match self.swap(&state, &prepared).await? {
-                Some(new_state) => {
+            match self.commit(&state, &prepared).await? {
+                Landed::Yes(new_state) => {
                     self.after_commit(&state, &new_state, &prepared, &expire, &[])
                         .await;
                     return Ok(expire.len());
                 }
-                None => delete_quietly(&self.file_io, &prepared.written).await,
+                Landed::Conflict => delete_quietly(&self.file_io, &prepared.written).await,
+                Landed::Unknown => 0,
             };
         }
         Err(Error::CommitConflict {

@@ -104,10 +104,16 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
                 stacklevel=3,
             )
         base = Path(repo_path) if repo_path else Path.cwd()
-        uri = self.uri or f"sqlite:///{(base / DEFAULT_CATALOG_FILE).resolve()}"
-        if self.catalog_type == "sql" and uri.startswith("sqlite:///"):
-            uri = _resolve_sqlite_uri(uri, base)
-        warehouse = _resolve_warehouse(self.warehouse or DEFAULT_WAREHOUSE, base)
+        if self.catalog_type == "rest":
+            if not self.uri:
+                raise ConfigError("catalog_type 'rest' needs `uri` (e.g. http://host:8181)")
+            # The server's warehouse name (a REST catalog decides where tables live).
+            uri, warehouse = self.uri, self.warehouse or ""
+        else:
+            uri = self.uri or f"sqlite:///{(base / DEFAULT_CATALOG_FILE).resolve()}"
+            if uri.startswith("sqlite:///"):
+                uri = _resolve_sqlite_uri(uri, base)
+            warehouse = _resolve_warehouse(self.warehouse or DEFAULT_WAREHOUSE, base)
         return json.dumps(
             {
                 "catalog_type": self.catalog_type,

@@ -2,21 +2,32 @@
 //! commits a new one. Only these few operations are needed: table metadata itself is read and
 //! written through FileIO by the rest of the core.
 
+mod rest;
 mod sql;
 
 use std::fmt::Debug;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use iceberg::io::FileIO;
+use iceberg::spec::TableMetadata;
 
 use crate::config::{CatalogType, StoreConfig};
 use crate::error::{Error, Result};
+use crate::table::TableState;
+use crate::write::PreparedCommit;
 
-/// Namespace + table name.
+/// Namespace + table name. A namespace may have levels separated by dots (`team.feast`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TableId {
     pub namespace: String,
     pub name: String,
+}
+
+impl TableId {
+    pub fn namespace_levels(&self) -> Vec<&str> {
+        self.namespace.split('.').collect()
+    }
 }
 
 impl std::fmt::Display for TableId {
@@ -25,27 +36,71 @@ impl std::fmt::Display for TableId {
     }
 }
 
+/// Where a table's current metadata lives, and the metadata itself when the catalog sent it
+/// along (REST does; SQL catalogs only store the location).
+#[derive(Debug)]
+pub struct Loaded {
+    pub location: String,
+    pub metadata: Option<Box<TableMetadata>>,
+}
+
+/// How a commit attempt ended.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    Committed(Loaded),
+    /// Another writer committed first; nothing of ours is visible.
+    Conflict,
+    /// The catalog failed without saying whether it applied the commit (REST 5xx, timeout):
+    /// the caller must reload before anything else and must not delete files it wrote.
+    Unknown(String),
+}
+
 #[async_trait]
 pub trait Catalog: Send + Sync + Debug {
-    /// Creates the namespace if it does not exist.
+    /// Creates the namespace (every level of it) if it does not exist.
     async fn ensure_namespace(&self, namespace: &str) -> Result<()>;
-    /// The current metadata location, or None when the table is not registered.
-    async fn metadata_location(&self, table: &TableId) -> Result<Option<String>>;
-    /// Registers a new table; false if one with that name already exists.
-    async fn register(&self, table: &TableId, metadata_location: &str) -> Result<bool>;
-    /// Atomically replaces `expected` by `new`; false (a conflict) if the table moved on.
+    /// The current metadata, or None when the table is not registered.
+    async fn load(&self, table: &TableId) -> Result<Option<Loaded>>;
+    /// Creates a table whose first metadata is `metadata`; false if the name is taken.
+    async fn create(
+        &self,
+        table: &TableId,
+        metadata: &TableMetadata,
+        file_io: &FileIO,
+    ) -> Result<bool>;
+    /// Commits `prepared` on top of `base`, atomically or not at all.
+    async fn commit(
+        &self,
+        base: &TableState,
+        prepared: &PreparedCommit,
+        file_io: &FileIO,
+    ) -> Result<CommitOutcome>;
+    /// Points `table` at metadata another table wrote (migration); false on a conflict.
     async fn swap(&self, table: &TableId, expected: &str, new: &str) -> Result<bool>;
-    /// Removes the table; returns its last metadata location if it existed.
+    /// Removes the table from the catalog; returns its last metadata location if it existed.
     async fn unregister(&self, table: &TableId) -> Result<Option<String>>;
+    /// True when the catalog writes and retires metadata.json files itself (REST): we then
+    /// never delete one.
+    fn owns_metadata_files(&self) -> bool;
+
+    async fn metadata_location(&self, table: &TableId) -> Result<Option<String>> {
+        Ok(self.load(table).await?.map(|l| l.location))
+    }
 }
 
 pub async fn connect(config: &StoreConfig) -> Result<Arc<dyn Catalog>> {
     match config.catalog_type {
         CatalogType::Sql => Ok(Arc::new(sql::SqlCatalog::connect(config).await?)),
-        CatalogType::Rest => Err(Error::config(
-            "catalog_type 'rest' is not supported yet in this version; use catalog_type 'sql'",
-        )),
+        CatalogType::Rest => Ok(Arc::new(rest::RestCatalog::connect(config).await?)),
     }
+}
+
+/// A namespace: one or more valid names joined by dots.
+pub fn validate_namespace(namespace: &str) -> Result<()> {
+    namespace
+        .split('.')
+        .try_for_each(|level| validate_name("namespace level", level))
+        .map_err(|e| e.context(format!("namespace {namespace:?}")))
 }
 
 /// Names become path segments and catalog keys: keep them to a safe alphabet.
@@ -74,5 +129,8 @@ mod tests {
         assert!(validate_name("table", "").is_err());
         assert!(validate_name("table", "a/../b").is_err());
         assert!(validate_name("table", "a.b").is_err());
+        assert!(validate_namespace("team.feast").is_ok());
+        assert!(validate_namespace("team..feast").is_err());
+        assert!(validate_namespace(".feast").is_err());
     }
 }

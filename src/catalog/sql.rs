@@ -2,15 +2,22 @@
 //! Java's JdbcCatalog use, so they see our tables. A commit is one conditional UPDATE: zero rows
 //! affected means another writer committed first.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor, Row};
 
-use super::{Catalog, TableId};
+use iceberg::MetadataLocation;
+use iceberg::io::FileIO;
+use iceberg::spec::TableMetadata;
+
+use super::{Catalog, CommitOutcome, Loaded, TableId};
 use crate::config::{StoreConfig, redact_uri};
 use crate::error::{Error, Result};
+use crate::table::TableState;
+use crate::write::{PreparedCommit, delete_quietly};
 
 const CREATE_TABLES: &str = "CREATE TABLE IF NOT EXISTS iceberg_tables (
     catalog_name VARCHAR(255) NOT NULL,
@@ -150,7 +157,7 @@ impl Catalog for SqlCatalog {
         Ok(())
     }
 
-    async fn metadata_location(&self, table: &TableId) -> Result<Option<String>> {
+    async fn load(&self, table: &TableId) -> Result<Option<Loaded>> {
         let row = sqlx::query(
             "SELECT metadata_location FROM iceberg_tables \
              WHERE catalog_name = $1 AND table_namespace = $2 AND table_name = $3",
@@ -161,13 +168,26 @@ impl Catalog for SqlCatalog {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| self.err(&format!("look up {table}"), &e))?;
-        row.map(|r| r.try_get::<Option<String>, _>(0))
+        let location = row
+            .map(|r| r.try_get::<Option<String>, _>(0))
             .transpose()
             .map(Option::flatten)
-            .map_err(|e| self.err(&format!("look up {table}"), &e))
+            .map_err(|e| self.err(&format!("look up {table}"), &e))?;
+        Ok(location.map(|location| Loaded {
+            location,
+            metadata: None,
+        }))
     }
 
-    async fn register(&self, table: &TableId, metadata_location: &str) -> Result<bool> {
+    async fn create(
+        &self,
+        table: &TableId,
+        metadata: &TableMetadata,
+        file_io: &FileIO,
+    ) -> Result<bool> {
+        let location = MetadataLocation::new_with_metadata(metadata.location(), metadata);
+        metadata.write_to(file_io, &location).await?;
+        let location = location.to_string();
         let done = sqlx::query(
             "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, \
              metadata_location, previous_metadata_location, iceberg_type) \
@@ -176,11 +196,48 @@ impl Catalog for SqlCatalog {
         .bind(&self.name)
         .bind(&table.namespace)
         .bind(&table.name)
-        .bind(metadata_location)
+        .bind(&location)
         .execute(&self.pool)
         .await
-        .map_err(|e| self.err(&format!("register {table}"), &e))?;
-        Ok(done.rows_affected() == 1)
+        .map_err(|e| self.err(&format!("register {table}"), &e));
+        let created = matches!(&done, Ok(d) if d.rows_affected() == 1);
+        if !created {
+            delete_quietly(file_io, &[location]).await;
+        }
+        done.map(|_| created)
+    }
+
+    /// Writes the next metadata.json, then moves the pointer with a conditional UPDATE.
+    async fn commit(
+        &self,
+        base: &TableState,
+        prepared: &PreparedCommit,
+        file_io: &FileIO,
+    ) -> Result<CommitOutcome> {
+        let location = MetadataLocation::from_str(&base.metadata_location)
+            .map_err(|e| Error::corrupt(&base.id, format!("bad metadata location: {e}")))?
+            .with_next_version()
+            .with_new_metadata(&prepared.metadata);
+        prepared.metadata.write_to(file_io, &location).await?;
+        let location = location.to_string();
+        let swapped = self
+            .swap(&base.id, &base.metadata_location, &location)
+            .await;
+        // An UPDATE that failed in flight (connection lost) may still have committed: keep the
+        // file then, an orphan at worst. Only "0 rows" proves it is ours alone.
+        Ok(if swapped? {
+            CommitOutcome::Committed(Loaded {
+                location,
+                metadata: Some(Box::new(prepared.metadata.clone())),
+            })
+        } else {
+            delete_quietly(file_io, &[location]).await;
+            CommitOutcome::Conflict
+        })
+    }
+
+    fn owns_metadata_files(&self) -> bool {
+        false
     }
 
     async fn swap(&self, table: &TableId, expected: &str, new: &str) -> Result<bool> {

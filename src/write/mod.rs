@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::read::FileCache;
 use crate::schema::ENTITY_KEY;
 use crate::storage::IoStats;
+use crate::store::Landed;
 use crate::store::Store;
 use crate::table::{LiveFile, TableState};
 
@@ -246,19 +247,22 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
             return Err(e);
         }
     };
-    match store.swap(state, &prepared).await? {
-        Some(new_state) => {
+    match store.commit(state, &prepared).await? {
+        Landed::Yes(new_state) => {
             report.snapshot_id = prepared.snapshot_id;
             store
                 .after_commit(state, &new_state, &prepared, &expire, &removed)
                 .await;
             Ok(Attempt::Committed(report))
         }
-        None => {
+        Landed::Conflict => {
             delete_quietly(&store.file_io, &data_paths).await;
             delete_quietly(&store.file_io, &prepared.written).await;
             Ok(Attempt::Conflict)
         }
+        // The catalog may still apply it: deleting our files could break the table. They are
+        // orphans at worst (`remove-orphans`); re-plan on what the catalog names now.
+        Landed::Unknown => Ok(Attempt::Conflict),
     }
 }
 

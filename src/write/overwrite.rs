@@ -10,7 +10,6 @@
 //! costs less than tracking several and keeps reads to one manifest.
 
 use std::collections::{HashMap, HashSet};
-use std::str::FromStr;
 use std::sync::Arc;
 
 use iceberg::io::FileIO;
@@ -18,20 +17,23 @@ use iceberg::spec::{
     DataFile, MAIN_BRANCH, ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot,
     SnapshotReference, SnapshotRetention, Summary, TableMetadata,
 };
-use iceberg::{MetadataLocation, TableUpdate};
+use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::table::{LiveFile, TableState};
 
-/// A new metadata version, written to storage but not yet committed.
+/// A new metadata version: its snapshot files are written, the metadata itself is not yet
+/// (a SQL catalog commit writes it, a REST catalog builds its own from `updates`).
 #[derive(Debug)]
 pub struct PreparedCommit {
     pub metadata: TableMetadata,
-    pub metadata_location: String,
+    /// The same change as REST catalog updates, checked against `requirements`.
+    pub updates: Vec<TableUpdate>,
+    pub requirements: Vec<TableRequirement>,
     /// Metadata files that fell out of the metadata log; delete after a successful commit.
     pub expired_metadata: Vec<String>,
-    /// Files this attempt wrote (manifests, list, metadata.json); delete if the commit fails.
+    /// Files this attempt wrote (manifests, list); delete if the commit fails.
     pub written: Vec<String>,
     pub snapshot_id: Option<i64>,
 }
@@ -174,12 +176,12 @@ pub struct Changes {
     pub compaction: bool,
     /// Snapshots to drop from the metadata in the same commit (retention).
     pub expire: Vec<i64>,
-    /// Replaces the metadata before the snapshot is added (schema or property changes).
-    pub metadata: Option<TableMetadata>,
+    /// Metadata changes applied before the snapshot is added (schema or property changes).
+    pub updates: Vec<TableUpdate>,
 }
 
-/// Writes snapshot files and the next metadata.json for `changes` on top of `base`. Nothing is
-/// visible to readers until the catalog swap succeeds.
+/// Writes the snapshot files for `changes` on top of `base` and builds the next metadata.
+/// Nothing is visible to readers until the catalog commit succeeds.
 pub async fn prepare(
     file_io: &FileIO,
     base: &TableState,
@@ -206,10 +208,31 @@ async fn prepare_inner(
             base.id
         )));
     }
-    let start = changes
+    let mut requirements = vec![
+        TableRequirement::UuidMatch {
+            uuid: base.metadata.uuid(),
+        },
+        TableRequirement::RefSnapshotIdMatch {
+            r#ref: MAIN_BRANCH.to_string(),
+            snapshot_id: base.metadata.current_snapshot_id(),
+        },
+    ];
+    if !changes.updates.is_empty() {
+        requirements.push(TableRequirement::CurrentSchemaIdMatch {
+            current_schema_id: base.metadata.current_schema_id(),
+        });
+        requirements.push(TableRequirement::LastAssignedFieldIdMatch {
+            last_assigned_field_id: base.metadata.last_column_id(),
+        });
+    }
+    let mut builder = base
         .metadata
-        .unwrap_or_else(|| base.metadata.as_ref().clone());
-    let mut builder = start.into_builder(Some(base.metadata_location.clone()));
+        .as_ref()
+        .clone()
+        .into_builder(Some(base.metadata_location.clone()));
+    for update in changes.updates {
+        builder = update.apply(builder)?;
+    }
     let mut snapshot_id = None;
     if !changes.added.is_empty() || !changes.removed.is_empty() {
         let snapshot = write_snapshot(
@@ -238,16 +261,10 @@ async fn prepare_inner(
     }
     let built = builder.build()?;
     let metadata = built.metadata;
-    let location = MetadataLocation::from_str(&base.metadata_location)
-        .map_err(|e| Error::corrupt(&base.id, format!("bad metadata location: {e}")))?
-        .with_next_version()
-        .with_new_metadata(&metadata);
-    let metadata_location = location.to_string();
-    written.push(metadata_location.clone());
-    metadata.write_to(file_io, &location).await?;
     Ok(PreparedCommit {
         metadata,
-        metadata_location,
+        updates: built.changes,
+        requirements,
         expired_metadata: built
             .expired_metadata_logs
             .into_iter()

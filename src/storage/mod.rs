@@ -1,0 +1,193 @@
+//! FileIO for the warehouse: local files through iceberg's own `LocalFsStorage`, `s3://` through
+//! our object_store-backed `S3Storage`. One FileIO serves both, routed by each path's scheme,
+//! because a REST catalog decides table locations and a migrated table may point elsewhere.
+
+mod s3;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use iceberg::io::{
+    FileIO, FileIOBuilder, FileMetadata, FileRead, FileWrite, InputFile, LocalFsStorage,
+    OutputFile, Storage, StorageConfig, StorageFactory,
+};
+use serde::{Deserialize, Serialize};
+
+pub use s3::S3Storage;
+
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+
+/// Schemes we can read and write.
+fn is_s3(path: &str) -> bool {
+    ["s3://", "s3a://", "s3n://"]
+        .iter()
+        .any(|p| path.starts_with(p))
+}
+
+fn is_local(path: &str) -> bool {
+    path.starts_with("file:/") || path.starts_with('/')
+}
+
+/// Dispatches every call to the storage of the path's scheme.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Routed {
+    #[serde(skip)]
+    s3: S3Storage,
+}
+
+impl Routed {
+    fn pick(&self, path: &str) -> iceberg::Result<&dyn Storage> {
+        if is_s3(path) {
+            Ok(&self.s3)
+        } else if is_local(path) {
+            Ok(&LocalFsStorage)
+        } else {
+            Err(iceberg::Error::new(
+                iceberg::ErrorKind::FeatureUnsupported,
+                format!(
+                    "unsupported storage scheme in {path} (use a local path, file:// or s3://)"
+                ),
+            ))
+        }
+    }
+}
+
+#[async_trait]
+#[typetag::serde]
+impl Storage for Routed {
+    async fn exists(&self, path: &str) -> iceberg::Result<bool> {
+        self.pick(path)?.exists(path).await
+    }
+    async fn metadata(&self, path: &str) -> iceberg::Result<FileMetadata> {
+        self.pick(path)?.metadata(path).await
+    }
+    async fn read(&self, path: &str) -> iceberg::Result<Bytes> {
+        self.pick(path)?.read(path).await
+    }
+    async fn reader(&self, path: &str) -> iceberg::Result<Box<dyn FileRead>> {
+        self.pick(path)?.reader(path).await
+    }
+    async fn write(&self, path: &str, bs: Bytes) -> iceberg::Result<()> {
+        self.pick(path)?.write(path, bs).await
+    }
+    async fn writer(&self, path: &str) -> iceberg::Result<Box<dyn FileWrite>> {
+        self.pick(path)?.writer(path).await
+    }
+    async fn delete(&self, path: &str) -> iceberg::Result<()> {
+        self.pick(path)?.delete(path).await
+    }
+    async fn delete_prefix(&self, path: &str) -> iceberg::Result<()> {
+        self.pick(path)?.delete_prefix(path).await
+    }
+    async fn delete_stream(&self, mut paths: BoxStream<'static, String>) -> iceberg::Result<()> {
+        use futures::StreamExt;
+        while let Some(p) = paths.next().await {
+            self.delete(&p).await?;
+        }
+        Ok(())
+    }
+    fn new_input(&self, path: &str) -> iceberg::Result<InputFile> {
+        self.pick(path)?.new_input(path)
+    }
+    fn new_output(&self, path: &str) -> iceberg::Result<OutputFile> {
+        self.pick(path)?.new_output(path)
+    }
+}
+
+/// Hands FileIO our one storage; the props are already inside it.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RoutedFactory {
+    #[serde(skip)]
+    storage: Arc<Routed>,
+}
+
+#[typetag::serde]
+impl StorageFactory for RoutedFactory {
+    fn build(&self, _config: &StorageConfig) -> iceberg::Result<Arc<dyn Storage>> {
+        Ok(self.storage.clone())
+    }
+}
+
+pub fn file_io(config: &StoreConfig) -> Result<FileIO> {
+    let wh = config.warehouse.as_str();
+    let rest = config.catalog_type == crate::config::CatalogType::Rest;
+    if !(rest || wh.is_empty() || is_local(wh) || is_s3(wh)) {
+        let scheme = wh.split("://").next().unwrap_or(wh);
+        return Err(Error::config(format!(
+            "warehouse scheme {scheme:?} is not supported; use a local path, file:// or s3://"
+        )));
+    }
+    let s3_props: BTreeMap<String, String> = config
+        .storage_options
+        .iter()
+        .filter(|(k, _)| k.starts_with("s3.") || k.starts_with("client."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let storage = Arc::new(Routed {
+        s3: S3Storage::new(s3_props),
+    });
+    Ok(FileIOBuilder::new(Arc::new(RoutedFactory { storage })).build())
+}
+
+/// `{warehouse}/{namespace}/{table}` like iceberg-rust's catalogs.
+pub fn table_location(config: &StoreConfig, namespace: &str, table: &str) -> String {
+    format!(
+        "{}/{namespace}/{table}",
+        config.warehouse.trim_end_matches('/')
+    )
+}
+
+/// True when an error means the file is gone (deleted by expiry in another process).
+pub fn is_not_found(err: &iceberg::Error) -> bool {
+    let text = format!("{err:#}").to_ascii_lowercase();
+    text.contains("not found") || text.contains("no such file")
+}
+
+/// Bytes and requests of one kind of read, for the bench and `stats`.
+#[derive(Debug, Default)]
+pub struct IoCounter {
+    bytes: AtomicU64,
+    requests: AtomicU64,
+}
+
+impl IoCounter {
+    pub fn add(&self, bytes: usize) {
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (bytes, requests) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.requests.load(Ordering::Relaxed),
+        )
+    }
+
+    fn reset(&self) {
+        self.bytes.store(0, Ordering::Relaxed);
+        self.requests.store(0, Ordering::Relaxed);
+    }
+}
+
+/// What a store has read from the warehouse: table metadata (metadata.json, manifest lists,
+/// manifests), data read to answer requests, and data loaded into the cache in the background.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    pub metadata: IoCounter,
+    pub data: IoCounter,
+    pub prefetch: IoCounter,
+}
+
+impl IoStats {
+    pub fn reset(&self) {
+        for c in [&self.metadata, &self.data, &self.prefetch] {
+            c.reset();
+        }
+    }
+}
