@@ -57,6 +57,19 @@ def _from_micros(micros: int) -> datetime:
     return _EPOCH_UTC + timedelta(microseconds=micros)
 
 
+def _not_before(config: RepoConfig, table: FeatureView) -> int | None:
+    """The oldest event timestamp (micros) a read may serve: `now - ttl` when `enforce_ttl` is
+    on and the view has a positive ttl, else None (no cut). Feast's historical retrieval keeps
+    `event_ts >= entity_ts - ttl`, so a row exactly `ttl` old is still served."""
+    online = config.online_store
+    if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
+        return None
+    ttl = table.ttl
+    if ttl is None or ttl <= timedelta(0):
+        return None
+    return _to_micros(datetime.now(timezone.utc)) - ttl // _MICROSECOND
+
+
 class _StoreCache:
     """One Rust `Store` per (process, config): connections never cross a fork.
 
@@ -145,9 +158,10 @@ class IcebergOnlineStore(OnlineStore):
     ) -> ReadResult:
         keys = [k.SerializeToString() for k in entity_keys]
         names, timestamps, rows = self._store(config).read(
-            table_name(config, table), keys, requested_features
+            table_name(config, table), keys, requested_features, _not_before(config, table)
         )
         # One message per row: Feast gets each feature as a Value of the row's RepeatedValue.
+        # Expired rows (enforce_ttl) already come back as None, so they cost no parse here.
         # The core returns one value per name; zip(strict=True) would cost 2 us per row here.
         parse = RepeatedValue.FromString
         result: ReadResult = []
