@@ -346,6 +346,108 @@ fn list_column(s: Scalar, dt: &DataType, vals: Vec<Option<Val>>, name: &str) -> 
     })
 }
 
+/// The payload of a serialized `Value` that is one field and nothing more, by wire type.
+enum Lone<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Fixed32(u32),
+    Bytes(&'a [u8]),
+}
+
+/// Reads `bytes` as exactly one field numbered `expected` (the shape every Feast client writes
+/// for a scalar), or None for anything else: another kind, `null_val`, repeated or unknown
+/// fields, a varint prost would reject. None sends the column to `decode_typed`, which gives
+/// those cases their exact meaning and errors.
+fn lone_field(bytes: &[u8], expected: u32) -> Option<Lone<'_>> {
+    let (key, n) = proto::read_varint(bytes)?;
+    if key >> 3 != u64::from(expected) {
+        return None;
+    }
+    let rest = &bytes[n..];
+    let (value, used) = match key & 7 {
+        0 => {
+            let (v, used) = proto::read_varint(rest)?;
+            // prost rejects a 10-byte varint whose last byte has more than one bit.
+            (used < 10 || rest[9] <= 1).then_some((Lone::Varint(v), used))?
+        }
+        1 => (
+            Lone::Fixed64(u64::from_le_bytes(rest.get(..8)?.try_into().ok()?)),
+            8,
+        ),
+        5 => (
+            Lone::Fixed32(u32::from_le_bytes(rest.get(..4)?.try_into().ok()?)),
+            4,
+        ),
+        2 => {
+            let (len, used) = proto::read_varint(rest)?;
+            let end = used.checked_add(usize::try_from(len).ok()?)?;
+            (Lone::Bytes(rest.get(used..end)?), end)
+        }
+        _ => return None,
+    };
+    (used == rest.len()).then_some(value)
+}
+
+macro_rules! lone_array {
+    ($cells:expr, $expected:expr, $builder:expr, $lone:pat => $value:expr) => {{
+        let mut b = $builder;
+        for cell in $cells {
+            if cell.is_empty() {
+                b.append_null();
+                continue;
+            }
+            match lone_field(cell, $expected) {
+                Some($lone) => b.append_value($value),
+                _ => return Ok(None),
+            }
+        }
+        Arc::new(b.finish()) as ArrayRef
+    }};
+}
+
+/// A scalar column built straight from the wire bytes when every cell is unset or a lone field
+/// of the column's kind: no `Val` per cell, no `String` per string. Ok(None) when some cell is
+/// not that simple; the caller then decodes the column in full.
+fn lone_scalar_column(
+    s: Scalar,
+    dt: &DataType,
+    cells: &[&[u8]],
+    name: &str,
+) -> Result<Option<ArrayRef>> {
+    let n = cells.len();
+    let tag = s as u32;
+    // The conversions are prost's: int32 truncates the varint, bool compares it with zero.
+    let array = match s {
+        Scalar::Bytes => lone_array!(cells, tag, LargeBinaryBuilder::new(), Lone::Bytes(x) => x),
+        Scalar::String => lone_array!(cells, tag, StringBuilder::new(), Lone::Bytes(x) => {
+            let Ok(text) = std::str::from_utf8(x) else { return Ok(None) };
+            text
+        }),
+        Scalar::Int32 => {
+            lone_array!(cells, tag, Int32Builder::with_capacity(n), Lone::Varint(v) => v as i32)
+        }
+        Scalar::Int64 => {
+            lone_array!(cells, tag, Int64Builder::with_capacity(n), Lone::Varint(v) => v as i64)
+        }
+        Scalar::Double => {
+            lone_array!(cells, tag, Float64Builder::with_capacity(n), Lone::Fixed64(v) => f64::from_bits(v))
+        }
+        Scalar::Float => {
+            lone_array!(cells, tag, Float32Builder::with_capacity(n), Lone::Fixed32(v) => f32::from_bits(v))
+        }
+        Scalar::Bool => {
+            lone_array!(cells, tag, BooleanBuilder::with_capacity(n), Lone::Varint(v) => v != 0)
+        }
+        Scalar::UnixTimestamp => lone_array!(
+            cells,
+            tag,
+            TimestampMicrosecondBuilder::with_capacity(n).with_data_type(dt.clone()),
+            Lone::Varint(v) => seconds_to_micros(v as i64, name)?
+        ),
+    };
+    Ok(Some(array))
+}
+
 /// The serialized protos as-is; unset values and explicit `null_val`s are nulls, as in typed
 /// columns, so SQL engines see NULL and reads return an unset `Value`.
 fn proto_column(cells: &[&[u8]]) -> ArrayRef {
@@ -365,6 +467,11 @@ pub fn values_to_array(col: &Column, dt: &DataType, cells: &[&[u8]]) -> Result<A
     let Some(expected) = col.kind.value_tag() else {
         return Ok(proto_column(cells));
     };
+    if let ColumnKind::Scalar(s) = col.kind
+        && let Some(array) = lone_scalar_column(s, dt, cells, &col.name)?
+    {
+        return Ok(array);
+    }
     let vals = decode_typed(col, expected, cells)?;
     match col.kind {
         ColumnKind::Scalar(s) => scalar_column(s, dt, vals, &col.name),
@@ -688,6 +795,112 @@ mod tests {
         assert_eq!(back.join_keys, vec!["at", "blob", "id", "n", "zone"]);
         assert!(deserialize_entity_key(&bytes[..bytes.len() - 1]).is_err());
         assert!(deserialize_entity_key(b"garbage").is_err());
+    }
+
+    #[test]
+    fn lone_fields_build_the_same_columns_as_full_decoding() {
+        use arrow_schema::TimeUnit;
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into()));
+        let cases = [
+            (
+                Scalar::Bytes,
+                DataType::LargeBinary,
+                vec![Val::BytesVal(vec![]), Val::BytesVal(vec![0, 255])],
+            ),
+            (
+                Scalar::String,
+                DataType::Utf8,
+                vec![Val::StringVal(String::new()), Val::StringVal("é x".into())],
+            ),
+            (
+                Scalar::Int32,
+                DataType::Int32,
+                vec![Val::Int32Val(-1), Val::Int32Val(i32::MAX), Val::Int32Val(0)],
+            ),
+            (
+                Scalar::Int64,
+                DataType::Int64,
+                vec![Val::Int64Val(i64::MIN), Val::Int64Val(300)],
+            ),
+            (
+                Scalar::Double,
+                DataType::Float64,
+                vec![Val::DoubleVal(-0.5), Val::DoubleVal(f64::MAX)],
+            ),
+            (
+                Scalar::Float,
+                DataType::Float32,
+                vec![Val::FloatVal(1.25), Val::FloatVal(f32::MIN)],
+            ),
+            (
+                Scalar::Bool,
+                DataType::Boolean,
+                vec![Val::BoolVal(true), Val::BoolVal(false)],
+            ),
+            (
+                Scalar::UnixTimestamp,
+                ts,
+                vec![
+                    Val::UnixTimestampVal(NAN_TIMESTAMP),
+                    Val::UnixTimestampVal(-5),
+                ],
+            ),
+        ];
+        for (s, dt, vals) in cases {
+            let col = Column {
+                name: "c".into(),
+                value_type: s as i32,
+                kind: ColumnKind::Scalar(s),
+                index: 0,
+            };
+            let mut cells: Vec<Vec<u8>> = vals.into_iter().map(encode).collect();
+            cells.push(Vec::new()); // unset
+            let refs: Vec<&[u8]> = cells.iter().map(Vec::as_slice).collect();
+            let lone = lone_scalar_column(s, &dt, &refs, "c")
+                .unwrap()
+                .expect("lone fields");
+            let full = decode_typed(&col, s as u32, &refs).unwrap();
+            let full = scalar_column(s, &dt, full, "c").unwrap();
+            assert_eq!(lone.to_data(), full.to_data(), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn anything_but_a_lone_field_goes_to_full_decoding() {
+        let int32 = encode(Val::Int32Val(5));
+        let twice = [int32.clone(), int32.clone()].concat();
+        let unknown_after = [int32.clone(), vec![0xF8, 0x01, 0x00]].concat();
+        let overlong = [vec![0x18], vec![0xFF; 9], vec![0x02]].concat();
+        for cell in [
+            encode(Val::NullVal(0)),
+            encode(Val::Int64Val(5)),
+            twice,
+            unknown_after,
+            overlong,
+            int32[..1].to_vec(),
+        ] {
+            let refs = [int32.as_slice(), cell.as_slice()];
+            assert!(
+                lone_scalar_column(Scalar::Int32, &DataType::Int32, &refs, "c")
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let bad_utf8 = [vec![0x12, 0x01], vec![0xFF]].concat();
+        let wrong_wire = vec![0x28, 0x01]; // field 5 (double) as a varint
+        let short_double = vec![0x29, 0, 0, 0];
+        assert!(lone_field(&bad_utf8, 2).is_some());
+        for (s, dt, cell) in [
+            (Scalar::String, DataType::Utf8, bad_utf8),
+            (Scalar::Double, DataType::Float64, wrong_wire),
+            (Scalar::Double, DataType::Float64, short_double),
+        ] {
+            assert!(
+                lone_scalar_column(s, &dt, &[cell.as_slice()], "c")
+                    .unwrap()
+                    .is_none()
+            );
+        }
     }
 
     #[test]

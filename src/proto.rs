@@ -159,7 +159,8 @@ pub fn value_tag(bytes: &[u8]) -> Option<u32> {
     u32::try_from(key >> 3).ok()
 }
 
-fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+/// A base-128 varint at the start of `bytes` and the bytes it took (at most 10).
+pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut out = 0u64;
     for (i, b) in bytes.iter().take(10).enumerate() {
         out |= u64::from(b & 0x7f) << (7 * i);

@@ -527,15 +527,18 @@ impl Store {
     }
 
     /// Point lookups, bounded by `read_timeout_ms` when one is configured. On a deadline the
-    /// in-flight work is dropped (reads have no side effects besides filling caches).
+    /// in-flight work is dropped (reads have no side effects besides filling caches). Rows
+    /// with an event timestamp before `not_before` (micros) are returned as absent.
     pub async fn read(
         &self,
         table: &str,
         entity_keys: &[&[u8]],
         features: Option<&[String]>,
+        not_before: Option<i64>,
     ) -> Result<ReadOutput> {
+        let read = self.read_unbounded(table, entity_keys, features, not_before);
         let Some(timeout_ms) = self.config.read_timeout_ms else {
-            return self.read_unbounded(table, entity_keys, features).await;
+            return read.await;
         };
         let deadline = Duration::from_millis(timeout_ms);
         let started = Instant::now();
@@ -543,7 +546,7 @@ impl Store {
             table: table.to_string(),
             timeout_ms,
         };
-        let out = tokio::time::timeout(deadline, self.read_unbounded(table, entity_keys, features))
+        let out = tokio::time::timeout(deadline, read)
             .await
             .map_err(|_| timed_out())??;
         // Local-filesystem reads never yield to the timer, so a late result is caught here:
@@ -559,6 +562,7 @@ impl Store {
         table: &str,
         entity_keys: &[&[u8]],
         features: Option<&[String]>,
+        not_before: Option<i64>,
     ) -> Result<ReadOutput> {
         let id = self.table_id(table)?;
         let mut keys = LargeBinaryBuilder::with_capacity(entity_keys.len(), entity_keys.len() * 24);
@@ -570,7 +574,8 @@ impl Store {
         let state = self.current(&id, refresh).await?;
         let keys = &keys;
         let lookup = |state: Arc<TableState>| async move {
-            read::lookup(&state, &self.files, &self.file_io, &self.io, keys, features).await
+            let (files, file_io, io) = (&self.files, &self.file_io, &self.io);
+            read::lookup(&state, files, file_io, io, keys, features, not_before).await
         };
         match lookup(state).await {
             // A file vanished under us (expired by another process): refresh and retry once.

@@ -80,6 +80,38 @@ def test_missing_and_unknown_features_are_schema_errors(applied) -> None:
     assert_unchanged(env, view, before)
 
 
+def test_a_renamed_feature_deep_in_the_batch_is_a_schema_error(applied) -> None:
+    # Same width as the view, so only the lookup by name can notice; the error names the
+    # first offending row's missing and unknown features.
+    env, view = applied
+    before = snapshot_state(env, view)
+    rows = [driver_row(i, 2) for i in range(20)]
+    key, feats, ts, created = rows[17]
+    renamed = {("town" if k == "city" else k): v for k, v in feats.items()}
+    rows[17] = (key, renamed, ts, created)
+    with pytest.raises(SchemaMismatchError, match=r"missing \['city'\]; unknown \['town'\]"):
+        env.write(view, rows)
+    assert_unchanged(env, view, before)
+
+
+def test_a_one_feature_view_round_trips(env: Env) -> None:
+    from feast import Field
+    from feast.types import Int64
+
+    view = driver_view("one_feature")
+    view.features = [Field(name="trips", dtype=Int64)]
+    env.apply(view)
+    env.write(
+        view,
+        [
+            (driver_key(i), {"trips": ValueProto(int64_val=i)}, *driver_row(i, 1)[2:])
+            for i in range(3)
+        ],
+    )
+    got = [plain(f["trips"]) for _, f in env.read(view, [driver_key(i) for i in range(3)])]
+    assert got == [0, 1, 2]
+
+
 def test_feature_not_in_the_table_is_a_schema_error(applied) -> None:
     from feast import Field
     from feast.types import Int64

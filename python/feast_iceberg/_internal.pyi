@@ -79,12 +79,14 @@ class Store:
         self,
         table: str,
         entity_keys: list[bytes],
-        features: list[str] | None,
+        features: list[str] | None = None,
+        not_before: int | None = None,
     ) -> tuple[list[str], list[int | None], list[bytes | None]]:
         """Point lookups aligned with `entity_keys`.
 
         Returns (feature names, event_ts micros or None per key, the key's features as one
-        serialized `feast.types.RepeatedValue` in feature-name order, or None).
+        serialized `feast.types.RepeatedValue` in feature-name order, or None). A row whose
+        event_ts is before `not_before` (micros; the TTL cut) comes back as None, None.
         """
 
     def io_stats(self, reset: bool = False) -> dict[str, int]:

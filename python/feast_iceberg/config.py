@@ -74,6 +74,12 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     commit_max_retries: int = Field(default=20, ge=0)
     """How often a conflicting commit is re-planned before `CommitConflictError`."""
 
+    enforce_ttl: bool = False
+    """Serve no row older than the feature view's `ttl`: `online_read` returns `(None, None)`
+    for a key whose event timestamp is before `now - ttl` (Feast's offline rule, so online and
+    historical retrieval agree). A ttl of None or 0 never expires. Off: `ttl` is ignored on
+    reads, as in Feast's own online stores."""
+
     read_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     """Memory budget of decoded data files kept for point reads (least recently loaded evicted
     first; one file is always kept). Size it to the online data for the fastest reads."""

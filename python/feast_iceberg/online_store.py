@@ -10,9 +10,11 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from itertools import chain
+from operator import itemgetter
+from typing import Any, NoReturn
 
 from feast import Entity, FeatureView
 from feast.infra.online_stores.online_store import OnlineStore
@@ -33,6 +35,10 @@ _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MICROSECOND = timedelta(microseconds=1)
 
 ReadResult = list[tuple[datetime | None, dict[str, ValueProto] | None]]
+
+# The base class's method: it serializes any message, and calling it through `map` runs no
+# bytecode and no attribute lookup per cell, which is what the write path is bound by.
+_serialize = ValueProto.SerializeToString
 
 
 def table_name(config: RepoConfig, feature_view: FeatureView) -> str:
@@ -55,6 +61,19 @@ def _optional_micros(ts: datetime | None) -> int | None:
 
 def _from_micros(micros: int) -> datetime:
     return _EPOCH_UTC + timedelta(microseconds=micros)
+
+
+def _not_before(config: RepoConfig, table: FeatureView) -> int | None:
+    """The oldest event timestamp (micros) a read may serve: `now - ttl` when `enforce_ttl` is
+    on and the view has a positive ttl, else None (no cut). Feast's historical retrieval keeps
+    `event_ts >= entity_ts - ttl`, so a row exactly `ttl` old is still served."""
+    online = config.online_store
+    if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
+        return None
+    ttl = table.ttl
+    if ttl is None or ttl <= timedelta(0):
+        return None
+    return _to_micros(datetime.now(timezone.utc)) - ttl // _MICROSECOND
 
 
 class _StoreCache:
@@ -113,21 +132,19 @@ class IcebergOnlineStore(OnlineStore):
         if not data:
             return
         names = [f.name for f in table.features]
-        width = len(names)
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        event_ts: list[int] = []
-        created_ts: list[int | None] = []
-        for entity_key, row, event, created in data:
-            keys.append(entity_key.SerializeToString())
-            if len(row) != width:
-                _raise_row_mismatch(table, names, row)
-            try:
-                values.extend([row[name].SerializeToString() for name in names])
-            except KeyError:
-                _raise_row_mismatch(table, names, row)
-            event_ts.append(_to_micros(event))
-            created_ts.append(_optional_micros(created))
+        # Column-wise passes with map/itemgetter: one C-level pass per column instead of a
+        # bytecode loop over 1M cells (100k rows x 10 features), about halving the time spent
+        # before Rust takes over.
+        rows = list(map(itemgetter(1), data))
+        if set(map(len, rows)) != {len(names)}:
+            _raise_first_row_mismatch(table, names, rows)
+        try:
+            values = list(map(_serialize, _cells(rows, names)))
+        except KeyError:
+            _raise_first_row_mismatch(table, names, rows)
+        keys = list(map(_serialize, map(itemgetter(0), data)))
+        event_ts = list(map(_to_micros, map(itemgetter(2), data)))
+        created_ts = list(map(_optional_micros, map(itemgetter(3), data)))
         report = self._store(config).write(
             table_name(config, table), names, keys, values, event_ts, created_ts
         )
@@ -145,9 +162,10 @@ class IcebergOnlineStore(OnlineStore):
     ) -> ReadResult:
         keys = [k.SerializeToString() for k in entity_keys]
         names, timestamps, rows = self._store(config).read(
-            table_name(config, table), keys, requested_features
+            table_name(config, table), keys, requested_features, _not_before(config, table)
         )
         # One message per row: Feast gets each feature as a Value of the row's RepeatedValue.
+        # Expired rows (enforce_ttl) already come back as None, so they cost no parse here.
         # The core returns one value per name; zip(strict=True) would cost 2 us per row here.
         parse = RepeatedValue.FromString
         result: ReadResult = []
@@ -205,7 +223,29 @@ class IcebergOnlineStore(OnlineStore):
             store.drop_table(table_name(config, fv))
 
 
-def _raise_row_mismatch(table: FeatureView, names: list[str], row: dict[str, ValueProto]) -> None:
+def _cells(rows: list[dict[str, ValueProto]], names: list[str]) -> Iterable[ValueProto]:
+    """Every row's values in `names` order, row-major; KeyError when a row lacks a name."""
+    if len(names) == 1:  # itemgetter of one name returns the value, not a 1-tuple
+        return map(itemgetter(names[0]), rows)
+    if not names:
+        return iter(())
+    return chain.from_iterable(map(itemgetter(*names), rows))
+
+
+def _raise_first_row_mismatch(
+    table: FeatureView, names: list[str], rows: list[dict[str, ValueProto]]
+) -> NoReturn:
+    """Raises for the first row whose features are not exactly `names`."""
+    expected = set(names)
+    for row in rows:
+        if row.keys() != expected:
+            _raise_row_mismatch(table, names, row)
+    raise AssertionError("no row mismatches the feature view")  # callers found one
+
+
+def _raise_row_mismatch(
+    table: FeatureView, names: list[str], row: dict[str, ValueProto]
+) -> NoReturn:
     missing = sorted(set(names) - set(row))
     unknown = sorted(set(row) - set(names))
     raise SchemaMismatchError(

@@ -196,18 +196,24 @@ impl PyStore {
         run(py, self.inner.duplicate_keys(&table))
     }
 
-    #[pyo3(signature = (table, entity_keys, features=None))]
+    /// Point lookups; rows whose event timestamp (micros) is before `not_before` come back as
+    /// absent, cut in Rust so expired rows are never encoded or parsed.
+    #[pyo3(signature = (table, entity_keys, features=None, not_before=None))]
     fn read<'py>(
         &self,
         py: Python<'py>,
         table: String,
         entity_keys: Vec<Bound<'py, PyBytes>>,
         features: Option<Vec<String>>,
+        not_before: Option<i64>,
     ) -> PyResult<PyReadResult<'py>> {
         let keys = Blobs::from_py(&entity_keys);
         drop(entity_keys);
         let slices = keys.slices();
-        let out = run(py, self.inner.read(&table, &slices, features.as_deref()))?;
+        let read = self
+            .inner
+            .read(&table, &slices, features.as_deref(), not_before);
+        let out = run(py, read)?;
         let rows = PyList::empty(py);
         for row in out.rows {
             match row {

@@ -121,6 +121,9 @@ async fn rows_of(
     ))
 }
 
+/// Looks up each key's newest row. A row whose event timestamp is before `not_before` (micros;
+/// the feature view's TTL cut) counts as absent and is never encoded: an expired older row
+/// cannot stand in for it, since it is older still.
 pub async fn lookup(
     state: &TableState,
     cache: &Arc<FileCache>,
@@ -128,6 +131,7 @@ pub async fn lookup(
     io: &Arc<IoStats>,
     serialized_keys: &LargeBinaryArray,
     features: Option<&[String]>,
+    not_before: Option<i64>,
 ) -> Result<ReadOutput> {
     let layout = &state.layout;
     let bucket_of_key = buckets(serialized_keys, layout.buckets)?;
@@ -176,11 +180,7 @@ pub async fn lookup(
             }
         }
         match best {
-            None => {
-                out.event_ts.push(None);
-                out.rows.push(None);
-            }
-            Some((data, row, (ev, _))) => {
+            Some((data, row, (ev, _))) if not_before.is_none_or(|cut| ev >= cut) => {
                 let row = row as usize;
                 out.event_ts.push(Some(ev));
                 let mut encoded = Vec::with_capacity(16 * columns.len());
@@ -189,6 +189,10 @@ pub async fn lookup(
                     proto::push_repeated_value_item(&mut encoded, &value);
                 }
                 out.rows.push(Some(encoded));
+            }
+            _ => {
+                out.event_ts.push(None);
+                out.rows.push(None);
             }
         }
     }
