@@ -38,10 +38,33 @@ pub struct StoreConfig {
     /// Byte budget of the decoded data-file cache of the read path.
     #[serde(default = "default_read_cache_bytes")]
     pub read_cache_bytes: usize,
+    /// Merge-on-read for a bucket when its incoming rows are at most this fraction of its live
+    /// rows (0 turns merge-on-read off: every write is copy-on-write).
+    #[serde(default = "default_mor_max_fraction")]
+    pub merge_on_read_max_fraction: f64,
+    /// A bucket that would hold more data files than this after a merge-on-read write is
+    /// rewritten copy-on-write instead (automatic compaction).
+    #[serde(default = "default_mor_max_files")]
+    pub merge_on_read_max_files: usize,
+    /// Likewise when more than this fraction of the bucket's rows would be deleted rows.
+    #[serde(default = "default_mor_max_delete_ratio")]
+    pub merge_on_read_max_delete_ratio: f64,
 }
 
 fn default_read_cache_bytes() -> usize {
     512 << 20
+}
+
+fn default_mor_max_fraction() -> f64 {
+    0.1
+}
+
+fn default_mor_max_files() -> usize {
+    8
+}
+
+fn default_mor_max_delete_ratio() -> f64 {
+    0.2
 }
 
 impl StoreConfig {
@@ -61,6 +84,25 @@ impl StoreConfig {
         if self.entity_key_serialization_version < 3 {
             return Err(Error::config(
                 "entity_key_serialization_version must be 3 or newer (Feast removed older versions)",
+            ));
+        }
+        for (name, v) in [
+            (
+                "merge_on_read_max_fraction",
+                self.merge_on_read_max_fraction,
+            ),
+            (
+                "merge_on_read_max_delete_ratio",
+                self.merge_on_read_max_delete_ratio,
+            ),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::config(format!("{name} must be in [0, 1], got {v}")));
+            }
+        }
+        if self.merge_on_read_max_files < 2 {
+            return Err(Error::config(
+                "merge_on_read_max_files must be >= 2 (a merge-on-read write adds a file)",
             ));
         }
         for (name, v) in [

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use arrow_array::Array;
@@ -17,9 +18,10 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
-use crate::read::keys_of_column;
+use crate::read::{BucketDeletes, keys_of_column};
 use crate::schema::ENTITY_KEY;
 use crate::store::Store;
+use crate::table::LiveFile;
 use crate::write::{WriteReport, compact, compaction_buckets, delete_quietly};
 
 /// Snapshot ids that branches or tags other than main point at. iceberg-rust keeps `refs`
@@ -181,19 +183,31 @@ impl Store {
     }
 
     /// Rows whose entity key another live row of the table also has (0 for tables we wrote;
-    /// append-only writers such as the contrib store leave them).
+    /// append-only writers such as the contrib store leave them). Rows hidden by position
+    /// deletes are not live.
     pub async fn duplicate_keys(&self, table: &str) -> Result<u64> {
         let id = self.table_id(table)?;
         let state = self.current(&id, Duration::ZERO).await?;
-        let mut by_bucket: HashMap<Option<i32>, Vec<&str>> = HashMap::new();
+        state.files.check_deletes_supported(&id.to_string())?;
+        let mut by_bucket: HashMap<Option<i32>, Vec<&Arc<LiveFile>>> = HashMap::new();
         for f in &state.files.data {
-            by_bucket.entry(f.bucket).or_default().push(f.path());
+            by_bucket.entry(f.bucket).or_default().push(f);
         }
         let mut duplicates = 0u64;
-        for paths in by_bucket.values() {
+        for (bucket, files) in &by_bucket {
+            let deletes = match bucket {
+                Some(b) => {
+                    let files = state.files.deletes_for_bucket(*b);
+                    self.files
+                        .bucket_deletes(&self.file_io, files, &self.io.metadata)
+                        .await?
+                }
+                None => BucketDeletes::default(),
+            };
             let mut seen: HashSet<Vec<u8>> = HashSet::new();
-            for path in paths {
-                let bytes = self.file_io.new_input(*path)?.read().await?;
+            for file in files {
+                let path = file.path();
+                let bytes = self.file_io.new_input(path)?.read().await?;
                 let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
                 let Some(column) = builder
                     .parquet_schema()
@@ -204,13 +218,16 @@ impl Store {
                     return Err(Error::corrupt(&id, format!("{path} has no entity_key")));
                 };
                 let mask = ProjectionMask::leaves(builder.parquet_schema(), [column]);
+                let mut pos = 0u64;
                 for batch in builder.with_projection(mask).build()? {
                     let keys = keys_of_column(batch?.column(0))?;
                     for i in 0..keys.len() {
-                        if !keys.is_null(i) && !seen.insert(keys.value(i).to_vec()) {
+                        let live = !keys.is_null(i) && !deletes.is_deleted(file, pos + i as u64);
+                        if live && !seen.insert(keys.value(i).to_vec()) {
                             duplicates += 1;
                         }
                     }
+                    pos += keys.len() as u64;
                 }
             }
         }

@@ -265,8 +265,15 @@ impl Store {
         expired: &[i64],
         replaced: &[Arc<LiveFile>],
     ) {
-        self.files
-            .retain_paths(&after.files.data.iter().map(|f| f.path()).collect());
+        self.files.retain_paths(
+            &after
+                .files
+                .data
+                .iter()
+                .chain(&after.files.deletes)
+                .map(|f| f.path())
+                .collect(),
+        );
         let _ = replaced;
         if !expired.is_empty() {
             let mut doomed: HashSet<String> = HashSet::new();
@@ -275,6 +282,7 @@ impl Store {
                     doomed.extend(files.manifest_list.iter().cloned());
                     doomed.extend(files.manifests.iter().cloned());
                     doomed.extend(files.data.iter().map(|f| f.path().to_string()));
+                    doomed.extend(files.delete_paths.iter().cloned());
                 }
             }
             for s in after.metadata.snapshots() {
@@ -286,6 +294,7 @@ impl Store {
                             .chain(&files.manifests)
                             .map(String::as_str)
                             .chain(files.data.iter().map(|f| f.path()))
+                            .chain(files.delete_paths.iter().map(String::as_str))
                         {
                             doomed.remove(p);
                         }

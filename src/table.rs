@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::schema::Layout;
 use crate::storage::IoCounter;
 
-/// A live data file and the manifest entry that describes it.
+/// A live data or delete file and the manifest entry that describes it.
 #[derive(Debug)]
 pub struct LiveFile {
     pub entry: ManifestEntryRef,
@@ -26,6 +26,12 @@ pub struct LiveFile {
 impl LiveFile {
     pub fn path(&self) -> &str {
         self.entry.file_path()
+    }
+
+    /// The data sequence number: a position delete applies to data files whose number is not
+    /// above its own.
+    pub fn sequence_number(&self) -> i64 {
+        self.entry.sequence_number().unwrap_or(0)
     }
 }
 
@@ -40,8 +46,14 @@ pub struct SnapshotFiles {
     /// Files whose partition is not our bucket (written by another engine or layout): every
     /// lookup has to consult them.
     unbucketed: Vec<Arc<LiveFile>>,
-    /// Position-delete or equality-delete files: we never write them, and our reads do not
-    /// apply them yet, so their presence is reported rather than silently ignored.
+    /// Live position-delete files (merge-on-read writes), applied by reads and rewrites.
+    pub deletes: Vec<Arc<LiveFile>>,
+    deletes_by_bucket: HashMap<i32, Vec<Arc<LiveFile>>>,
+    unbucketed_deletes: Vec<Arc<LiveFile>>,
+    /// Equality-delete files (written by other engines): we cannot apply them, so reads and
+    /// writes refuse the table rather than serve deleted rows.
+    pub equality_deletes: usize,
+    /// Every delete file, position or equality.
     pub delete_files: usize,
     /// Their paths (they must survive orphan removal).
     pub delete_paths: Vec<String>,
@@ -70,21 +82,38 @@ impl SnapshotFiles {
                 if !entry.is_alive() {
                     continue;
                 }
-                if entry.content_type() != DataContentType::Data {
-                    out.delete_files += 1;
-                    out.delete_paths.push(entry.file_path().to_string());
-                    continue;
-                }
                 let bucket = bucket_of(entry);
                 let file = Arc::new(LiveFile {
                     entry: entry.clone(),
                     bucket,
                 });
-                match bucket {
-                    Some(b) => out.by_bucket.entry(b).or_default().push(file.clone()),
-                    None => out.unbucketed.push(file.clone()),
+                match entry.content_type() {
+                    DataContentType::Data => {
+                        match bucket {
+                            Some(b) => out.by_bucket.entry(b).or_default().push(file.clone()),
+                            None => out.unbucketed.push(file.clone()),
+                        }
+                        out.data.push(file);
+                    }
+                    DataContentType::PositionDeletes => {
+                        out.delete_files += 1;
+                        out.delete_paths.push(entry.file_path().to_string());
+                        match bucket {
+                            Some(b) => out
+                                .deletes_by_bucket
+                                .entry(b)
+                                .or_default()
+                                .push(file.clone()),
+                            None => out.unbucketed_deletes.push(file.clone()),
+                        }
+                        out.deletes.push(file);
+                    }
+                    DataContentType::EqualityDeletes => {
+                        out.delete_files += 1;
+                        out.equality_deletes += 1;
+                        out.delete_paths.push(entry.file_path().to_string());
+                    }
                 }
-                out.data.push(file);
             }
         }
         Ok(out)
@@ -97,6 +126,33 @@ impl SnapshotFiles {
             .into_iter()
             .flatten()
             .chain(self.unbucketed.iter())
+    }
+
+    /// Every position-delete file that may apply to a file of bucket `b`.
+    pub fn deletes_for_bucket(&self, b: i32) -> impl Iterator<Item = &Arc<LiveFile>> {
+        self.deletes_by_bucket
+            .get(&b)
+            .into_iter()
+            .flatten()
+            .chain(self.unbucketed_deletes.iter())
+    }
+
+    /// Rows the position-delete files mark as deleted (each position is deleted once: our
+    /// writers never delete a row twice).
+    pub fn total_position_deletes(&self) -> u64 {
+        self.deletes.iter().map(|f| f.entry.record_count()).sum()
+    }
+
+    /// Fails on tables whose deletes we cannot apply (equality deletes from other engines).
+    pub fn check_deletes_supported(&self, table: &str) -> Result<()> {
+        if self.equality_deletes > 0 {
+            return Err(Error::input(format!(
+                "table {table} has {} equality-delete files (written by another engine), which \
+                 this store cannot apply; rewrite the table without them first",
+                self.equality_deletes
+            )));
+        }
+        Ok(())
     }
 
     /// Each bucket with its files.

@@ -84,6 +84,19 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     """Memory budget of decoded data files kept for point reads (least recently loaded evicted
     first; one file is always kept). Size it to the online data for the fastest reads."""
 
+    merge_on_read_max_fraction: float = Field(default=0.1, ge=0, le=1)
+    """A write whose rows for a bucket are at most this fraction of the bucket's live rows is
+    merge-on-read: the rows go to a small new data file plus a position-delete file for the
+    rows they replace, instead of a rewrite of the bucket. 0: always copy-on-write."""
+
+    merge_on_read_max_files: int = Field(default=8, ge=2)
+    """Automatic compaction: a bucket that would hold more data files than this is rewritten
+    (copy-on-write, its delete files dropped) by the write that touches it."""
+
+    merge_on_read_max_delete_ratio: float = Field(default=0.2, ge=0, le=1)
+    """Automatic compaction, likewise when more than this fraction of the bucket's stored rows
+    would be deleted rows."""
+
     @field_validator("storage_options", mode="before")
     @classmethod
     def _stringify_options(cls, value: Any) -> Any:
@@ -136,6 +149,9 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
                 "metadata_previous_versions_max": self.metadata_previous_versions_max,
                 "commit_max_retries": self.commit_max_retries,
                 "read_cache_bytes": self.read_cache_bytes,
+                "merge_on_read_max_fraction": self.merge_on_read_max_fraction,
+                "merge_on_read_max_files": self.merge_on_read_max_files,
+                "merge_on_read_max_delete_ratio": self.merge_on_read_max_delete_ratio,
                 "entity_key_serialization_version": entity_key_serialization_version,
             }
         )

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use iceberg::io::FileIO;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use super::deletes::{BucketDeletes, PositionDeletes, load_deletes};
 use super::{Version, align_to, keys_of, row_version};
 use crate::error::{Error, Result};
 use crate::schema::Layout;
@@ -23,6 +24,9 @@ pub struct FileData {
     pub batch: RecordBatch,
     pub index: HashMap<Box<[u8]>, u32>,
     pub bytes: usize,
+    /// The row's position in the file, for rows a probe picked out; None when `batch` holds
+    /// the whole file (row = position). Position deletes name rows by position.
+    pub positions: Option<Vec<u64>>,
 }
 
 impl FileData {
@@ -51,7 +55,16 @@ impl FileData {
             batch,
             index,
             bytes,
+            positions: None,
         })
+    }
+
+    /// Where row `row` of `batch` sits in the data file.
+    pub fn position(&self, row: u32) -> u64 {
+        match &self.positions {
+            Some(p) => p[row as usize],
+            None => u64::from(row),
+        }
     }
 
     pub fn version(&self, row: u32, layout: &Layout) -> Version {
@@ -97,8 +110,11 @@ struct Inner {
 
 /// Decoded files by path, bounded by a byte budget, least recently used evicted first. The
 /// most recently loaded file always stays, so a budget below one file still works.
+/// Decoded position-delete files are kept beside them, outside the budget: they are small
+/// and bounded by the live delete files (automatic compaction caps those).
 pub struct FileCache {
     inner: Mutex<Inner>,
+    deletes: Mutex<HashMap<String, Arc<PositionDeletes>>>,
     budget: usize,
 }
 
@@ -115,8 +131,55 @@ impl FileCache {
     pub fn new(budget: usize) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
+            deletes: Mutex::new(HashMap::new()),
             budget,
         }
+    }
+
+    fn deletes_lock(&self) -> MutexGuard<'_, HashMap<String, Arc<PositionDeletes>>> {
+        self.deletes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The decoded position deletes of one delete file, loaded now if not cached.
+    pub async fn position_deletes(
+        &self,
+        file_io: &FileIO,
+        file: &LiveFile,
+        io: &IoCounter,
+    ) -> Result<Arc<PositionDeletes>> {
+        if let Some(hit) = self.deletes_lock().get(file.path()) {
+            return Ok(hit.clone());
+        }
+        let loaded = Arc::new(load_deletes(file_io, file.path(), io).await?);
+        Ok(self
+            .deletes_lock()
+            .entry(file.path().to_string())
+            .or_insert(loaded)
+            .clone())
+    }
+
+    /// The position deletes of `files` (a bucket's delete files), loaded concurrently.
+    pub async fn bucket_deletes<'a>(
+        &self,
+        file_io: &FileIO,
+        files: impl Iterator<Item = &'a Arc<LiveFile>>,
+        io: &IoCounter,
+    ) -> Result<BucketDeletes> {
+        let files: Vec<&Arc<LiveFile>> = files.collect();
+        if files.is_empty() {
+            return Ok(BucketDeletes::default());
+        }
+        let loaded = futures::future::try_join_all(
+            files.iter().map(|f| self.position_deletes(file_io, f, io)),
+        )
+        .await?;
+        Ok(BucketDeletes::new(
+            files
+                .iter()
+                .map(|f| f.sequence_number())
+                .zip(loaded)
+                .collect(),
+        ))
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -203,8 +266,10 @@ impl FileCache {
         data
     }
 
-    /// Drops files that are no longer live in the table just committed.
+    /// Drops files (data or delete) that are no longer live in the table just committed.
     pub fn retain_paths(&self, live: &HashSet<&str>) {
+        self.deletes_lock()
+            .retain(|path, _| live.contains(path.as_str()));
         let mut inner = self.lock();
         let Inner { files, bytes, .. } = &mut *inner;
         for by_path in files.values_mut() {
@@ -255,6 +320,7 @@ mod tests {
             batch: RecordBatch::new_empty(Arc::new(Schema::empty())),
             index: HashMap::new(),
             bytes,
+            positions: None,
         })
     }
 

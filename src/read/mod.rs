@@ -5,8 +5,11 @@
 //! cached file answers from memory (`cache`); a file that is not cached yet is probed for just
 //! the requested keys (`probe`) while the whole file is loaded into the cache in the
 //! background, so the first read is cheap and the following ones are served from memory.
+//! Position deletes (merge-on-read writes) are folded in: a deleted row is invisible, so of a
+//! key's rows in several files of its bucket only the live one answers.
 
 mod cache;
+mod deletes;
 mod probe;
 
 use std::collections::HashMap;
@@ -21,6 +24,10 @@ use iceberg::spec::Transform;
 use iceberg::transform::create_transform_function;
 
 pub use cache::{FileCache, FileData};
+pub use deletes::{
+    BucketDeletes, DELETE_FILE_PATH, DELETE_FILE_PATH_ID, DELETE_POS, DELETE_POS_ID,
+    PositionDeletes,
+};
 
 use crate::convert::cell_to_value;
 use crate::error::{Error, Result};
@@ -103,8 +110,9 @@ fn requested<'a>(layout: &'a Layout, features: Option<&[String]>) -> Vec<&'a Col
     }
 }
 
-/// Where the rows of one file come from for this lookup.
-async fn rows_of(
+/// The rows of one file a lookup needs: the cached file, or a probe for `keys` while the file
+/// is loaded in the background.
+pub(crate) async fn rows_of(
     file: &Arc<LiveFile>,
     keys: &[&[u8]],
     cache: &Arc<FileCache>,
@@ -134,6 +142,7 @@ pub async fn lookup(
     not_before: Option<i64>,
 ) -> Result<ReadOutput> {
     let layout = &state.layout;
+    state.files.check_deletes_supported(&state.id.to_string())?;
     let bucket_of_key = buckets(serialized_keys, layout.buckets)?;
 
     // The requested keys of each file the request touches; every file is read once,
@@ -149,12 +158,22 @@ pub async fn lookup(
         }
     }
     let needed: Vec<_> = keys_by_file.values().collect();
-    let loaded = futures::future::try_join_all(
-        needed
-            .iter()
-            .map(|(f, keys)| rows_of(f, keys, cache, file_io, layout, io)),
-    )
-    .await?;
+    let mut touched: Vec<i32> = bucket_of_key.clone();
+    touched.sort_unstable();
+    touched.dedup();
+    let (loaded, deletes) =
+        futures::future::try_join(
+            futures::future::try_join_all(
+                needed
+                    .iter()
+                    .map(|(f, keys)| rows_of(f, keys, cache, file_io, layout, io)),
+            ),
+            futures::future::try_join_all(touched.iter().map(|b| {
+                cache.bucket_deletes(file_io, state.files.deletes_for_bucket(*b), &io.data)
+            })),
+        )
+        .await?;
+    let deletes: HashMap<i32, BucketDeletes> = touched.into_iter().zip(deletes).collect();
     let by_path: HashMap<&str, &Arc<FileData>> = needed
         .iter()
         .map(|(f, _)| f.path())
@@ -170,9 +189,13 @@ pub async fn lookup(
     for (i, bucket) in bucket_of_key.iter().enumerate() {
         let key = serialized_keys.value(i);
         let mut best: Option<(&Arc<FileData>, u32, Version)> = None;
+        let bucket_deletes = &deletes[bucket];
         for f in state.files.files_for_bucket(*bucket) {
             let data = by_path[f.path()];
             if let Some(&row) = data.index.get(key) {
+                if bucket_deletes.is_deleted(f, data.position(row)) {
+                    continue;
+                }
                 let v = data.version(row, layout);
                 if best.as_ref().is_none_or(|(_, _, bv)| v >= *bv) {
                     best = Some((data, row, v));

@@ -196,13 +196,21 @@ pub async fn probe(
 
     let mut chosen: Vec<(usize, Vec<Range<usize>>)> = Vec::new();
     let mut row_groups = Vec::new();
+    // File positions of the selected rows, in the order the reader returns them.
+    let mut selected: Vec<u64> = Vec::new();
+    let mut rg_start = 0u64;
     for rg in 0..meta.num_row_groups() {
+        let first_row = rg_start;
+        rg_start += u64::try_from(meta.row_group(rg).num_rows()).unwrap_or(0);
         let candidates = in_row_group(meta.row_group(rg), column, keys);
         if candidates.is_empty() {
             continue;
         }
         let ranges = page_rows(&meta, rg, column, &candidates);
         if !ranges.is_empty() {
+            for r in &ranges {
+                selected.extend((r.start as u64..r.end as u64).map(|p| first_row + p));
+            }
             let rows = usize::try_from(meta.row_group(rg).num_rows()).unwrap_or(0);
             chosen.push((rows, ranges));
             row_groups.push(rg);
@@ -218,16 +226,31 @@ pub async fn probe(
     let batches: Vec<RecordBatch> = stream.try_collect().await?;
     let wanted: HashSet<&[u8]> = keys.iter().copied().collect();
     let mut parts = Vec::with_capacity(batches.len());
+    let mut positions = Vec::new();
+    let mut at = 0;
     for b in &batches {
         let b = align_to(b, &layout.arrow)?;
         let found = keys_of(&b, layout)?;
-        let mask: arrow_array::BooleanArray = (0..found.len())
-            .map(|i| Some(!found.is_null(i) && wanted.contains(found.value(i))))
+        let keep: Vec<bool> = (0..found.len())
+            .map(|i| !found.is_null(i) && wanted.contains(found.value(i)))
             .collect();
+        for (i, k) in keep.iter().enumerate() {
+            if *k {
+                let pos = selected
+                    .get(at + i)
+                    .copied()
+                    .ok_or_else(|| Error::internal("probe returned more rows than it selected"))?;
+                positions.push(pos);
+            }
+        }
+        at += found.len();
+        let mask = arrow_array::BooleanArray::from(keep);
         parts.push(arrow_select::filter::filter_record_batch(&b, &mask)?);
     }
     let batch = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
-    FileData::index(batch, layout)
+    let mut data = FileData::index(batch, layout)?;
+    data.positions = Some(positions);
+    Ok(data)
 }
 
 #[cfg(test)]

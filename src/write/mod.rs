@@ -1,6 +1,7 @@
-//! The upsert write path: convert, dedup, merge touched buckets copy-on-write, commit one
-//! overwrite snapshot with optimistic concurrency, clean up.
+//! The upsert write path: convert, dedup, merge each touched bucket copy-on-write or (small
+//! writes) merge-on-read, commit one overwrite snapshot with optimistic concurrency, clean up.
 
+mod deletes;
 mod overwrite;
 mod plan;
 
@@ -23,12 +24,13 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
+pub use deletes::{MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
 pub use overwrite::{Changes, PreparedCommit, delete_quietly, prepare};
 pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 
 use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
-use crate::read::FileCache;
+use crate::read::{BucketDeletes, FileCache, keys_of, rows_of};
 use crate::schema::ENTITY_KEY;
 use crate::storage::IoStats;
 use crate::store::Landed;
@@ -67,15 +69,23 @@ pub struct WriteReport {
     pub buckets: usize,
     pub files_added: usize,
     pub files_removed: usize,
+    /// Position-delete files added by merge-on-read buckets.
+    pub delete_files_added: usize,
+    /// Buckets written merge-on-read (the rest of `buckets` were rewritten).
+    pub merge_on_read_buckets: usize,
     pub attempts: u32,
     pub snapshot_id: Option<i64>,
 }
 
-/// One bucket rewritten: the new files and the old files they replace.
+/// One bucket written: the new files and the old files they replace.
+#[derive(Default)]
 struct BucketRewrite {
     added: Vec<DataFile>,
     removed: Vec<Arc<LiveFile>>,
+    added_deletes: Vec<DataFile>,
+    removed_deletes: Vec<Arc<LiveFile>>,
     stats: MergeStats,
+    merge_on_read: bool,
 }
 
 async fn write_bucket(
@@ -109,6 +119,82 @@ struct StoreIo {
     file_io: FileIO,
     cache: Arc<FileCache>,
     stats: Arc<IoStats>,
+    policy: MorPolicy,
+}
+
+/// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
+/// stored rows they replace. The stored rows are found like a read finds them (cached index,
+/// or a page-level probe of a cold file), deletes applied.
+/// A bucket as stored: its data files and the deletes that apply to them.
+struct StoredBucket<'a> {
+    id: i32,
+    files: &'a [Arc<LiveFile>],
+    deletes: &'a BucketDeletes,
+}
+
+async fn merge_on_read(
+    io: &StoreIo,
+    state: &TableState,
+    incoming: &RecordBatch,
+    rows: &[usize],
+    stored: StoredBucket<'_>,
+    prefix: String,
+) -> Result<BucketRewrite> {
+    let StoredBucket {
+        id: bucket,
+        files,
+        deletes,
+    } = stored;
+    let layout = &state.layout;
+    let keys = keys_of(incoming, layout)?;
+    let wanted: Vec<&[u8]> = rows.iter().map(|&r| keys.value(r)).collect();
+    let loaded = futures::future::try_join_all(
+        files
+            .iter()
+            .map(|f| rows_of(f, &wanted, &io.cache, &io.file_io, layout, &io.stats)),
+    )
+    .await?;
+    let plan = plan_merge_on_read(incoming, rows, layout, |key| {
+        files
+            .iter()
+            .zip(&loaded)
+            .filter_map(|(f, data)| {
+                let &row = data.index.get(key)?;
+                let pos = data.position(row);
+                (!deletes.is_deleted(f, pos)).then(|| StoredRow {
+                    version: data.version(row, layout),
+                    path: f.path().to_string(),
+                    pos,
+                })
+            })
+            .collect()
+    })?;
+    let mut out = BucketRewrite {
+        stats: plan.stats,
+        merge_on_read: true,
+        ..BucketRewrite::default()
+    };
+    let Some(batch) = plan.rows else {
+        return Ok(out);
+    };
+    out.added = write_bucket(&io.file_io, state, bucket, batch, prefix.clone()).await?;
+    if !plan.deletes.is_empty() {
+        match deletes::write_position_deletes(&io.file_io, state, bucket, &prefix, &plan.deletes)
+            .await
+        {
+            Ok(d) => out.added_deletes.push(d),
+            Err(e) => {
+                let paths: Vec<String> = out
+                    .added
+                    .iter()
+                    .map(|d| d.file_path().to_string())
+                    .collect();
+                delete_quietly(&io.file_io, &paths).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok(out)
 }
 
 async fn rewrite_bucket(
@@ -122,15 +208,34 @@ async fn rewrite_bucket(
 ) -> Result<Option<BucketRewrite>> {
     let layout = &state.layout;
     let files: Vec<Arc<LiveFile>> = state.files.files_for_bucket(bucket).cloned().collect();
+    let delete_files: Vec<Arc<LiveFile>> =
+        state.files.deletes_for_bucket(bucket).cloned().collect();
+    let deletes = io
+        .cache
+        .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
+        .await?;
+    let prefix = format!("{attempt_id}-b{bucket}");
+    let stored_rows = files.iter().map(|f| f.entry.record_count()).sum();
+    if !force
+        && io
+            .policy
+            .merge_on_read(rows.len(), stored_rows, deletes.deleted_rows(), files.len())
+    {
+        let stored = StoredBucket {
+            id: bucket,
+            files: &files,
+            deletes: &deletes,
+        };
+        let done = merge_on_read(&io, &state, &incoming, &rows, stored, prefix).await?;
+        return Ok(Some(done));
+    }
+    // Copy-on-write (also the automatic compaction of a bucket past the merge-on-read
+    // limits): the live rows, deletes applied, merged and written as one sorted file that
+    // replaces the bucket's data files and drops its delete files.
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
-        parts.push(
-            io.cache
-                .get(&io.file_io, f, layout, &io.stats)
-                .await?
-                .batch
-                .clone(),
-        );
+        let data = io.cache.get(&io.file_io, f, layout, &io.stats).await?;
+        parts.push(deletes.apply(f, &data.batch)?);
     }
     let existing = match parts.len() {
         0 => None,
@@ -140,17 +245,21 @@ async fn rewrite_bucket(
     let (merged, stats) = merge_bucket(existing.as_ref(), &incoming, &rows, layout, force)?;
     let Some(merged) = merged else {
         return Ok(Some(BucketRewrite {
-            added: Vec::new(),
-            removed: Vec::new(),
             stats,
+            ..BucketRewrite::default()
         }));
     };
-    let prefix = format!("{attempt_id}-b{bucket}");
     let added = write_bucket(&io.file_io, &state, bucket, merged, prefix).await?;
     Ok(Some(BucketRewrite {
         added,
         removed: files,
+        // Only this bucket's own delete files: they name no file of another bucket.
+        removed_deletes: delete_files
+            .into_iter()
+            .filter(|d| d.bucket == Some(bucket))
+            .collect(),
         stats,
+        ..BucketRewrite::default()
     }))
 }
 
@@ -175,11 +284,13 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
             state.id
         )));
     }
+    state.files.check_deletes_supported(&state.id.to_string())?;
     let attempt_id = Uuid::new_v4();
     let io = StoreIo {
         file_io: store.file_io.clone(),
         cache: store.files.clone(),
         stats: store.io.clone(),
+        policy: MorPolicy::from_config(&store.config),
     };
     let tasks: Vec<_> = plan
         .groups
@@ -212,9 +323,12 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
                 report.rows_ignored_older += r.stats.ignored_older;
                 if !r.added.is_empty() {
                     changes.buckets_changed += 1;
+                    report.merge_on_read_buckets += usize::from(r.merge_on_read);
                 }
                 changes.added.extend(r.added);
                 changes.removed.extend(r.removed);
+                changes.added_deletes.extend(r.added_deletes);
+                changes.removed_deletes.extend(r.removed_deletes);
             }
             Ok(Ok(None)) => {}
             Ok(Err(e)) | Err(e) => {
@@ -225,6 +339,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
     let data_paths: Vec<String> = changes
         .added
         .iter()
+        .chain(&changes.added_deletes)
         .map(|d| d.file_path().to_string())
         .collect();
     if let Some(e) = first_error {
@@ -234,6 +349,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
     report.buckets = changes.buckets_changed;
     report.files_added = changes.added.len();
     report.files_removed = changes.removed.len();
+    report.delete_files_added = changes.added_deletes.len();
     if changes.added.is_empty() {
         return Ok(Attempt::Committed(report));
     }
@@ -357,18 +473,21 @@ pub async fn upsert_batch(store: &Store, table: &str, batch: RecordBatch) -> Res
     .await
 }
 
-/// Buckets a compaction rewrites: those with several data files, or every bucket (`all`,
-/// which also removes duplicate keys inside single files).
+/// Buckets a compaction rewrites: those with several data files or with delete files, or
+/// every bucket (`all`, which also removes duplicate keys inside single files).
 pub fn compaction_buckets(state: &TableState, all: bool) -> Vec<i32> {
     state
         .files
         .buckets()
-        .filter(|(_, files)| all || files.len() > 1)
+        .filter(|(b, files)| {
+            all || files.len() > 1 || state.files.deletes_for_bucket(*b).next().is_some()
+        })
         .map(|(b, _)| b)
         .collect()
 }
 
-/// Rewrites buckets into one sorted file each, newest row per key, in one `replace` snapshot.
+/// Rewrites buckets into one sorted file each, newest row per key, deletes applied and
+/// dropped, in one `replace` snapshot.
 pub async fn compact(store: &Store, table: &str, all: bool) -> Result<WriteReport> {
     commit_with_retries(store, table, |state| {
         Ok(Arc::new(Plan {

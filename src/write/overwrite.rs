@@ -5,22 +5,23 @@
 //! Replace with the upstream OverwriteAction once apache/iceberg-rust PR #2185 (epic #2269)
 //! ships in a release.
 //!
-//! Every snapshot gets a single data manifest listing ADDED, DELETED and EXISTING entries. With
-//! copy-on-write buckets a table has one or a few files per bucket, so rewriting the manifest
-//! costs less than tracking several and keeps reads to one manifest.
+//! Every snapshot gets a single data manifest listing ADDED, DELETED and EXISTING entries, and,
+//! once the table has position-delete files (merge-on-read writes), a single delete manifest
+//! listed the same way. Automatic compaction keeps a bucket to a few files, so rewriting the
+//! manifests costs less than tracking several and keeps reads to at most two manifests.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataFile, MAIN_BRANCH, ManifestListWriter, ManifestWriterBuilder, Operation, Snapshot,
-    SnapshotReference, SnapshotRetention, Summary, TableMetadata,
+    DataFile, MAIN_BRANCH, ManifestListWriter, ManifestWriter, ManifestWriterBuilder, Operation,
+    Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata,
 };
 use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::table::{LiveFile, TableState};
 
 /// A new metadata version: its snapshot files are written, the metadata itself is not yet
@@ -48,20 +49,24 @@ fn new_snapshot_id(md: &TableMetadata) -> i64 {
     }
 }
 
-fn summary(
-    base: &TableState,
-    added: &[DataFile],
-    removed: &[Arc<LiveFile>],
-    changes: &Shape,
-) -> Summary {
+fn summary(base: &TableState, changes: &Changes) -> Summary {
+    let (added, removed) = (&changes.added, &changes.removed);
     let sum = |it: &mut dyn Iterator<Item = u64>| it.sum::<u64>();
     let added_records = sum(&mut added.iter().map(DataFile::record_count));
     let added_bytes = sum(&mut added.iter().map(DataFile::file_size_in_bytes));
     let removed_records = sum(&mut removed.iter().map(|f| f.entry.record_count()));
     let removed_bytes = sum(&mut removed.iter().map(|f| f.entry.file_size_in_bytes()));
+    let added_pos = sum(&mut changes.added_deletes.iter().map(DataFile::record_count));
+    let removed_pos = sum(&mut changes
+        .removed_deletes
+        .iter()
+        .map(|f| f.entry.record_count()));
     let total_records = base.files.total_records() + added_records - removed_records;
     let total_bytes = base.files.total_bytes() + added_bytes - removed_bytes;
     let total_files = base.files.data.len() + added.len() - removed.len();
+    let total_deletes =
+        base.files.deletes.len() + changes.added_deletes.len() - changes.removed_deletes.len();
+    let total_pos = base.files.total_position_deletes() + added_pos - removed_pos;
     let props = [
         ("added-data-files", added.len() as u64),
         ("deleted-data-files", removed.len() as u64),
@@ -69,63 +74,55 @@ fn summary(
         ("deleted-records", removed_records),
         ("added-files-size", added_bytes),
         ("removed-files-size", removed_bytes),
+        ("added-delete-files", changes.added_deletes.len() as u64),
+        ("removed-delete-files", changes.removed_deletes.len() as u64),
+        ("added-position-deletes", added_pos),
+        ("removed-position-deletes", removed_pos),
+        (
+            "added-position-delete-files",
+            changes.added_deletes.len() as u64,
+        ),
+        (
+            "removed-position-delete-files",
+            changes.removed_deletes.len() as u64,
+        ),
         ("changed-partition-count", changes.buckets_changed as u64),
         ("total-records", total_records),
         ("total-files-size", total_bytes),
         ("total-data-files", total_files as u64),
-        ("total-delete-files", 0),
-        ("total-position-deletes", 0),
+        ("total-delete-files", total_deletes as u64),
+        ("total-position-deletes", total_pos),
         ("total-equality-deletes", 0),
     ];
     Summary {
         operation: if changes.compaction {
             Operation::Replace
-        } else if removed.is_empty() {
+        } else if removed.is_empty() && changes.added_deletes.is_empty() {
             Operation::Append
         } else {
             Operation::Overwrite
         },
         additional_properties: props
             .into_iter()
+            .filter(|(k, v)| *v > 0 || k.starts_with("total-"))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .chain([("engine-name".to_string(), "feast-iceberg".to_string())])
             .collect::<HashMap<_, _>>(),
     }
 }
 
-/// Writes the manifest and manifest list of a snapshot that adds `added` and removes `removed`
-/// relative to `base`, and returns the snapshot.
-/// The parts of `Changes` the snapshot summary describes.
-struct Shape {
-    buckets_changed: usize,
-    compaction: bool,
-}
-
-async fn write_snapshot(
-    file_io: &FileIO,
-    base: &TableState,
-    added: Vec<DataFile>,
+/// Lists `live` as EXISTING entries, except those in `removed` (DELETED), then adds `added`.
+/// `add_delete_file` marks an entry DELETED whatever its content; the name misleads.
+fn list_files(
+    manifest: &mut ManifestWriter,
+    live: &[Arc<LiveFile>],
     removed: &[Arc<LiveFile>],
-    shape: &Shape,
-    written: &mut Vec<String>,
-) -> Result<Snapshot> {
-    let md = &base.metadata;
-    let snapshot_id = new_snapshot_id(md);
-    let seq = md.next_sequence_number();
-    let commit = Uuid::new_v4();
-    let summary = summary(base, &added, removed, shape);
-
-    let manifest_path = format!("{}/metadata/{commit}-m0.avro", md.location());
-    written.push(manifest_path.clone());
-    let mut manifest = ManifestWriterBuilder::new(
-        file_io.new_output(&manifest_path)?,
-        Some(snapshot_id),
-        md.current_schema().clone(),
-        md.default_partition_spec().as_ref().clone(),
-    )
-    .build_v2_data();
+    added: &[DataFile],
+    snapshot_id: i64,
+    seq: i64,
+) -> Result<()> {
     let removed_paths: HashSet<&str> = removed.iter().map(|f| f.path()).collect();
-    for f in &base.files.data {
+    for f in live {
         let e = &f.entry;
         let data_seq = e.sequence_number().unwrap_or(0);
         let file_seq = e.file_sequence_number.or(Some(data_seq));
@@ -137,9 +134,60 @@ async fn write_snapshot(
         }
     }
     for df in added {
-        manifest.add_file(df, seq)?;
+        manifest.add_file(df.clone(), seq)?;
     }
-    let manifest = manifest.write_manifest_file().await?;
+    Ok(())
+}
+
+/// Writes the manifests and manifest list of a snapshot that applies `changes` to `base`, and
+/// returns the snapshot: one data manifest, plus one delete manifest when the table has or
+/// gets position-delete files.
+async fn write_snapshot(
+    file_io: &FileIO,
+    base: &TableState,
+    changes: &Changes,
+    written: &mut Vec<String>,
+) -> Result<Snapshot> {
+    let md = &base.metadata;
+    let snapshot_id = new_snapshot_id(md);
+    let seq = md.next_sequence_number();
+    let commit = Uuid::new_v4();
+    let summary = summary(base, changes);
+
+    let builder = |path: &str| -> Result<ManifestWriterBuilder> {
+        Ok(ManifestWriterBuilder::new(
+            file_io.new_output(path)?,
+            Some(snapshot_id),
+            md.current_schema().clone(),
+            md.default_partition_spec().as_ref().clone(),
+        ))
+    };
+    let manifest_path = format!("{}/metadata/{commit}-m0.avro", md.location());
+    written.push(manifest_path.clone());
+    let mut manifest = builder(&manifest_path)?.build_v2_data();
+    list_files(
+        &mut manifest,
+        &base.files.data,
+        &changes.removed,
+        &changes.added,
+        snapshot_id,
+        seq,
+    )?;
+    let mut manifests = vec![manifest.write_manifest_file().await?];
+    if !base.files.deletes.is_empty() || !changes.added_deletes.is_empty() {
+        let path = format!("{}/metadata/{commit}-m1.avro", md.location());
+        written.push(path.clone());
+        let mut deletes = builder(&path)?.build_v2_deletes();
+        list_files(
+            &mut deletes,
+            &base.files.deletes,
+            &changes.removed_deletes,
+            &changes.added_deletes,
+            snapshot_id,
+            seq,
+        )?;
+        manifests.push(deletes.write_manifest_file().await?);
+    }
 
     let list_path = format!(
         "{}/metadata/snap-{snapshot_id}-1-{commit}.avro",
@@ -152,7 +200,7 @@ async fn write_snapshot(
         md.current_snapshot_id(),
         seq,
     );
-    list.add_manifests(std::iter::once(manifest))?;
+    list.add_manifests(manifests.into_iter())?;
     list.close().await?;
 
     Ok(Snapshot::builder()
@@ -171,6 +219,9 @@ async fn write_snapshot(
 pub struct Changes {
     pub added: Vec<DataFile>,
     pub removed: Vec<Arc<LiveFile>>,
+    /// Position-delete files added (merge-on-read) and dropped (their bucket was rewritten).
+    pub added_deletes: Vec<DataFile>,
+    pub removed_deletes: Vec<Arc<LiveFile>>,
     pub buckets_changed: usize,
     /// The rows are the same, only rewritten (`replace` rather than `overwrite`).
     pub compaction: bool,
@@ -198,16 +249,10 @@ pub async fn prepare(
 async fn prepare_inner(
     file_io: &FileIO,
     base: &TableState,
-    changes: Changes,
+    mut changes: Changes,
     written: &mut Vec<String>,
 ) -> Result<PreparedCommit> {
-    if base.files.delete_files > 0 {
-        return Err(Error::input(format!(
-            "table {} has delete files, which this version cannot rewrite without losing them; \
-             compact it with another engine first",
-            base.id
-        )));
-    }
+    base.files.check_deletes_supported(&base.id.to_string())?;
     let mut requirements = vec![
         TableRequirement::UuidMatch {
             uuid: base.metadata.uuid(),
@@ -230,23 +275,12 @@ async fn prepare_inner(
         .as_ref()
         .clone()
         .into_builder(Some(base.metadata_location.clone()));
-    for update in changes.updates {
+    for update in std::mem::take(&mut changes.updates) {
         builder = update.apply(builder)?;
     }
     let mut snapshot_id = None;
     if !changes.added.is_empty() || !changes.removed.is_empty() {
-        let snapshot = write_snapshot(
-            file_io,
-            base,
-            changes.added,
-            &changes.removed,
-            &Shape {
-                buckets_changed: changes.buckets_changed,
-                compaction: changes.compaction,
-            },
-            written,
-        )
-        .await?;
+        let snapshot = write_snapshot(file_io, base, &changes, written).await?;
         let id = snapshot.snapshot_id();
         snapshot_id = Some(id);
         builder = TableUpdate::AddSnapshot { snapshot }.apply(builder)?;
