@@ -25,7 +25,7 @@ use crate::schema::{
 };
 use crate::store::Store;
 use crate::table::{SnapshotFiles, TableState, read_metadata};
-use crate::write::upsert_batch;
+use crate::write::{compact, upsert_batch};
 
 /// What a migration did (or, on a dry run, found).
 #[derive(Debug, Default, Clone)]
@@ -186,7 +186,8 @@ impl Store {
         catalog.unregister(&staged).await?;
         self.forget(&staged);
         self.forget(&id);
-        report.rows_live = staged_state.files.total_records();
+        report.rows_live = staged_state.files.total_records()
+            - staged_state.files.total_position_deletes();
         Ok(report)
     }
 
@@ -208,6 +209,9 @@ impl Store {
                 upsert_batch(self, staging, converted).await?;
             }
         }
+        // Small contrib files were upserted merge-on-read: hand over a table with one file per
+        // bucket and no deletes, as a copy-on-write load would have left it.
+        compact(self, staging, false).await?;
         self.current(staged, Duration::ZERO).await
     }
 }

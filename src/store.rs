@@ -52,7 +52,9 @@ pub struct TableStats {
     pub snapshots: usize,
     pub data_files: usize,
     pub delete_files: usize,
+    /// Live rows: rows of the data files minus the rows position deletes hide.
     pub records: u64,
+    pub position_deletes: u64,
     pub data_bytes: u64,
     pub metadata_location: String,
     pub metadata_log: usize,
@@ -604,7 +606,11 @@ impl Store {
             snapshots: state.metadata.snapshots().count(),
             data_files: state.files.data.len(),
             delete_files: state.files.delete_files,
-            records: state.files.total_records(),
+            records: state
+                .files
+                .total_records()
+                .saturating_sub(state.files.total_position_deletes()),
+            position_deletes: state.files.total_position_deletes(),
             data_bytes: state.files.total_bytes(),
             metadata_location: state.metadata_location.clone(),
             metadata_log: state.metadata.metadata_log().len(),

@@ -232,6 +232,7 @@ impl PyStore {
         d.set_item("data_files", s.data_files)?;
         d.set_item("delete_files", s.delete_files)?;
         d.set_item("records", s.records)?;
+        d.set_item("position_deletes", s.position_deletes)?;
         d.set_item("data_bytes", s.data_bytes)?;
         d.set_item("metadata_location", s.metadata_location)?;
         d.set_item("metadata_log", s.metadata_log)?;
@@ -282,6 +283,8 @@ fn write_report<'py>(py: Python<'py>, report: &WriteReport) -> PyResult<Bound<'p
     d.set_item("buckets", report.buckets)?;
     d.set_item("files_added", report.files_added)?;
     d.set_item("files_removed", report.files_removed)?;
+    d.set_item("delete_files_added", report.delete_files_added)?;
+    d.set_item("merge_on_read_buckets", report.merge_on_read_buckets)?;
     d.set_item("attempts", report.attempts)?;
     d.set_item("snapshot_id", report.snapshot_id)?;
     Ok(d)
