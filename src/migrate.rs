@@ -186,8 +186,8 @@ impl Store {
         catalog.unregister(&staged).await?;
         self.forget(&staged);
         self.forget(&id);
-        report.rows_live = staged_state.files.total_records()
-            - staged_state.files.total_position_deletes();
+        report.rows_live =
+            staged_state.files.total_records() - staged_state.files.total_position_deletes();
         Ok(report)
     }
 

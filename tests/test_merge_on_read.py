@@ -5,6 +5,7 @@ keeps the files of a bucket bounded, and expiry and orphan removal know the dele
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import random
 from datetime import timedelta, timezone
@@ -57,7 +58,9 @@ def check_engines(env: Env, view: Any, model: dict[int, int]) -> None:
     """PyIceberg and DuckDB's iceberg extension see one row per key with the newest values."""
     table = env.pyiceberg_table(view)
     arrow = table.scan(selected_fields=("driver_id", "trips")).to_arrow()
-    got = dict(zip(arrow.column("driver_id").to_pylist(), arrow.column("trips").to_pylist()))
+    got = dict(
+        zip(arrow.column("driver_id").to_pylist(), arrow.column("trips").to_pylist(), strict=True)
+    )
     assert arrow.num_rows == len(model) == len(got)
     assert got == {i: expected_values(i, v)["trips"] for i, v in model.items()}
     con = duckdb_with_iceberg()
@@ -157,7 +160,7 @@ def test_200_pushes_stay_exact_and_bounded_by_automatic_compaction(env: Env) -> 
     assert max(data_files) <= 16 * 8, max(data_files)
     assert stats["delete_files"] <= 16 * 7
     # Compaction happened: the file count went down after growing.
-    assert any(b < a for a, b in zip(data_files, data_files[1:], strict=False)), data_files
+    assert any(b < a for a, b in itertools.pairwise(data_files)), data_files
     assert stats["records"] == KEYS
     # Nothing unreferenced stays behind (expiry deleted old data and delete files), and the
     # warehouse holds live files, two manifests, a list and the metadata log, no more.
@@ -237,8 +240,6 @@ def test_a_push_and_a_materialization_in_two_processes_lose_no_update(env: Env) 
     for p in procs:
         p.join(timeout=300)
     assert [p.exitcode for p in procs] == [0, 0]
-    model = dict.fromkeys(range(KEYS), MATERIALIZATIONS) | dict.fromkeys(
-        PUSHED, 1000 + PUSHES - 1
-    )
+    model = dict.fromkeys(range(KEYS), MATERIALIZATIONS) | dict.fromkeys(PUSHED, 1000 + PUSHES - 1)
     check_all(env, view, model)
     check_engines(env, view, model)
