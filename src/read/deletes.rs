@@ -122,25 +122,33 @@ impl BucketDeletes {
             .any(|(del_seq, d)| *del_seq >= seq && d.contains(path, pos))
     }
 
-    /// The rows of `file` (its first `rows` positions) that are still live, as a filter mask;
-    /// None when none is deleted.
-    pub fn live_mask(&self, file: &LiveFile, rows: usize) -> Option<BooleanArray> {
+    /// The positions of `file` the bucket's delete files delete, sorted, without repeats.
+    pub fn deleted_positions(&self, file: &LiveFile) -> Vec<u64> {
         let seq = file.sequence_number();
-        let applicable: Vec<&[u64]> = self
+        let mut out: Vec<u64> = self
             .files
             .iter()
             .filter(|(del_seq, _)| *del_seq >= seq)
-            .filter_map(|(_, d)| d.by_file.get(file.path()).map(Vec::as_slice))
+            .filter_map(|(_, d)| d.by_file.get(file.path()))
+            .flatten()
+            .copied()
             .collect();
-        if applicable.is_empty() {
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// The rows of `file` (its first `rows` positions) that are still live, as a filter mask;
+    /// None when none is deleted.
+    pub fn live_mask(&self, file: &LiveFile, rows: usize) -> Option<BooleanArray> {
+        let deleted = self.deleted_positions(file);
+        if deleted.is_empty() {
             return None;
         }
         let mut live = vec![true; rows];
-        for positions in applicable {
-            for &p in positions {
-                if let Some(slot) = usize::try_from(p).ok().and_then(|p| live.get_mut(p)) {
-                    *slot = false;
-                }
+        for p in deleted {
+            if let Some(slot) = usize::try_from(p).ok().and_then(|p| live.get_mut(p)) {
+                *slot = false;
             }
         }
         Some(BooleanArray::from(live))

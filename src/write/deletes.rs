@@ -34,7 +34,7 @@ use crate::table::TableState;
 pub struct MorPolicy {
     /// Incoming rows at most this fraction of the bucket's live rows (0: never).
     pub max_fraction: f64,
-    /// Data files a bucket may hold after a merge-on-read write.
+    /// Data files a bucket may hold before a merge-on-read write merges its small files.
     pub max_files: usize,
     /// Deleted rows over stored rows a bucket may reach after a merge-on-read write.
     pub max_delete_ratio: f64,
@@ -49,30 +49,58 @@ impl MorPolicy {
         }
     }
 
-    /// Whether `incoming` rows go to the bucket merge-on-read. `stored_rows` counts the rows of
-    /// its data files, `deleted_rows` those its delete files hide. False means copy-on-write:
-    /// for a large write (cheaper than many deletes), and for a bucket whose files or deletes
-    /// would cross the limits, so the write that crosses them compacts it and storage stays
-    /// bounded however many small pushes come.
-    pub fn merge_on_read(
-        &self,
-        incoming: usize,
-        stored_rows: u64,
-        deleted_rows: u64,
-        data_files: usize,
-    ) -> bool {
-        if self.max_fraction <= 0.0 || data_files == 0 {
-            return false;
+    /// How `shape.incoming` rows go into a bucket.
+    ///
+    /// Copy-on-write for a large write (cheaper than many deletes), for an empty bucket, and
+    /// when the bucket's deleted rows would pass `max_delete_ratio` or its small files would
+    /// hold more than a quarter of its rows: the write that crosses a limit compacts the
+    /// bucket. When only the file count would pass `max_files`, the small files are merged
+    /// into one instead, leaving the large file and its deletes; that costs the small files'
+    /// rows, not the bucket's. Either way storage stays bounded however many pushes come.
+    pub fn mode(&self, shape: &BucketShape) -> BucketMode {
+        if self.max_fraction <= 0.0 || shape.data_files == 0 {
+            return BucketMode::CopyOnWrite;
         }
-        let live = stored_rows.saturating_sub(deleted_rows) as f64;
-        let incoming_f = incoming as f64;
+        let stored = shape.stored_rows as f64;
+        let live = shape.stored_rows.saturating_sub(shape.deleted_rows) as f64;
+        let incoming = shape.incoming as f64;
         // At worst every incoming row replaces a stored one.
-        let deleted_after = (deleted_rows as f64) + incoming_f;
-        let stored_after = (stored_rows as f64) + incoming_f;
-        incoming_f <= self.max_fraction * live
-            && data_files < self.max_files
-            && deleted_after <= self.max_delete_ratio * stored_after
+        let deleted_after = shape.deleted_rows as f64 + incoming;
+        let small_after =
+            shape.stored_rows.saturating_sub(shape.largest_file_rows) as f64 + incoming;
+        if incoming > self.max_fraction * live
+            || deleted_after > self.max_delete_ratio * (stored + incoming)
+            || small_after * 4.0 > stored + incoming
+        {
+            return BucketMode::CopyOnWrite;
+        }
+        BucketMode::MergeOnRead {
+            merge_small_files: shape.data_files >= self.max_files,
+        }
     }
+}
+
+/// What the policy looks at of a bucket and a write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BucketShape {
+    pub incoming: usize,
+    /// Rows of the bucket's data files, and of its largest one.
+    pub stored_rows: u64,
+    pub largest_file_rows: u64,
+    /// Rows its position deletes hide.
+    pub deleted_rows: u64,
+    pub data_files: usize,
+}
+
+/// How a write goes into a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketMode {
+    /// Rewrite the bucket as one file, deletes applied and dropped.
+    CopyOnWrite,
+    /// Add a data file and a position-delete file; with `merge_small_files`, the incoming rows
+    /// and the live rows of every file but the largest become one new file, and one delete
+    /// file carries all of the largest file's deletes.
+    MergeOnRead { merge_small_files: bool },
 }
 
 /// A live stored row of a key: its version and where it is.
@@ -343,28 +371,46 @@ mod tests {
             max_files: 4,
             max_delete_ratio: 0.2,
         };
-        assert!(p.merge_on_read(10, 10_000, 0, 1));
-        assert!(
-            !p.merge_on_read(2_000, 10_000, 0, 1),
-            "large write: rewrite"
-        );
-        assert!(
-            !p.merge_on_read(10, 10_000, 0, 0),
+        let shape = |incoming, deleted_rows, data_files, small_rows: u64| BucketShape {
+            incoming,
+            stored_rows: 10_000,
+            largest_file_rows: 10_000 - small_rows,
+            deleted_rows,
+            data_files,
+        };
+        let mor = BucketMode::MergeOnRead {
+            merge_small_files: false,
+        };
+        let cow = BucketMode::CopyOnWrite;
+        assert_eq!(p.mode(&shape(10, 0, 1, 0)), mor);
+        assert_eq!(p.mode(&shape(2_000, 0, 1, 0)), cow, "large write: rewrite");
+        assert_eq!(
+            p.mode(&shape(10, 0, 0, 0)),
+            cow,
             "empty bucket: plain write"
         );
-        assert!(
-            !p.merge_on_read(10, 10_000, 0, 4),
-            "file limit reached: compact"
+        assert_eq!(
+            p.mode(&shape(10, 0, 4, 30)),
+            BucketMode::MergeOnRead {
+                merge_small_files: true
+            },
+            "file limit reached: merge the small files"
         );
-        assert!(
-            !p.merge_on_read(10, 10_000, 1_995, 2),
+        assert_eq!(
+            p.mode(&shape(10, 1_995, 2, 30)),
+            cow,
             "delete ratio would pass 20%: compact"
+        );
+        assert_eq!(
+            p.mode(&shape(10, 0, 3, 2_600)),
+            cow,
+            "small files would pass a quarter of the rows: compact"
         );
         let off = MorPolicy {
             max_fraction: 0.0,
             ..p
         };
-        assert!(!off.merge_on_read(1, 10_000, 0, 1));
+        assert_eq!(off.mode(&shape(1, 0, 1, 0)), cow);
     }
 
     #[test]

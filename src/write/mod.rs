@@ -24,7 +24,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
-pub use deletes::{MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
+pub use deletes::{BucketMode, BucketShape, MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
 pub use overwrite::{Changes, PreparedCommit, delete_quietly, prepare};
 pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 
@@ -125,11 +125,22 @@ struct StoreIo {
 /// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
 /// stored rows they replace. The stored rows are found like a read finds them (cached index,
 /// or a page-level probe of a cold file), deletes applied.
-/// A bucket as stored: its data files and the deletes that apply to them.
+/// A bucket as stored: its data files and delete files, and the deletes decoded.
 struct StoredBucket<'a> {
     id: i32,
     files: &'a [Arc<LiveFile>],
+    delete_files: &'a [Arc<LiveFile>],
     deletes: &'a BucketDeletes,
+}
+
+/// The bucket's own delete files: they name no file of another bucket, so a rewrite of this
+/// bucket may drop them.
+fn own_deletes(bucket: i32, delete_files: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>> {
+    delete_files
+        .iter()
+        .filter(|d| d.bucket == Some(bucket))
+        .cloned()
+        .collect()
 }
 
 async fn merge_on_read(
@@ -138,11 +149,13 @@ async fn merge_on_read(
     incoming: &RecordBatch,
     rows: &[usize],
     stored: StoredBucket<'_>,
+    merge_small_files: bool,
     prefix: String,
 ) -> Result<BucketRewrite> {
     let StoredBucket {
         id: bucket,
         files,
+        delete_files,
         deletes,
     } = stored;
     let layout = &state.layout;
@@ -174,12 +187,18 @@ async fn merge_on_read(
         merge_on_read: true,
         ..BucketRewrite::default()
     };
-    let Some(batch) = plan.rows else {
+    let Some(mut batch) = plan.rows else {
         return Ok(out);
     };
+    let mut new_deletes = plan.deletes;
+    if merge_small_files {
+        let merged = merge_small(io, state, files, deletes, batch, new_deletes).await?;
+        (batch, new_deletes, out.removed) = merged;
+        out.removed_deletes = own_deletes(bucket, delete_files);
+    }
     out.added = write_bucket(&io.file_io, state, bucket, batch, prefix.clone()).await?;
-    if !plan.deletes.is_empty() {
-        match deletes::write_position_deletes(&io.file_io, state, bucket, &prefix, &plan.deletes)
+    if !new_deletes.is_empty() {
+        match deletes::write_position_deletes(&io.file_io, state, bucket, &prefix, &new_deletes)
             .await
         {
             Ok(d) => out.added_deletes.push(d),
@@ -195,6 +214,73 @@ async fn merge_on_read(
         }
     }
     Ok(out)
+}
+
+/// Folds every file of the bucket but the largest into the rows a merge-on-read write adds:
+/// returns those rows (the small files' live rows, minus the ones `replaced` deletes, plus
+/// `winners`, sorted by key), every delete of the largest file (old and `replaced`) for one
+/// new delete file, and the small files, which the commit removes along with the bucket's
+/// delete files. Costs the small files' rows, not the bucket's.
+async fn merge_small(
+    io: &StoreIo,
+    state: &TableState,
+    files: &[Arc<LiveFile>],
+    deletes: &BucketDeletes,
+    winners: RecordBatch,
+    replaced: Vec<(String, u64)>,
+) -> Result<(RecordBatch, Vec<(String, u64)>, Vec<Arc<LiveFile>>)> {
+    let layout = &state.layout;
+    let Some(largest) = files.iter().max_by_key(|f| f.entry.record_count()) else {
+        return Err(Error::internal(
+            "merging the small files of an empty bucket",
+        ));
+    };
+    let small: Vec<Arc<LiveFile>> = files
+        .iter()
+        .filter(|f| f.path() != largest.path())
+        .cloned()
+        .collect();
+    let replaced_in = |path: &str| -> Vec<u64> {
+        replaced
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, pos)| *pos)
+            .collect()
+    };
+    let mut parts = Vec::with_capacity(small.len());
+    for f in &small {
+        let data = io.cache.get(&io.file_io, f, layout, &io.stats).await?;
+        let mut live = vec![true; data.batch.num_rows()];
+        for p in deletes
+            .deleted_positions(f)
+            .into_iter()
+            .chain(replaced_in(f.path()))
+        {
+            if let Some(slot) = usize::try_from(p).ok().and_then(|p| live.get_mut(p)) {
+                *slot = false;
+            }
+        }
+        let mask = arrow_array::BooleanArray::from(live);
+        parts.push(arrow_select::filter::filter_record_batch(
+            &data.batch,
+            &mask,
+        )?);
+    }
+    let kept = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
+    // The kept rows and the winners hold different keys (a winner's stored row is in
+    // `replaced`), so the merge only sorts them.
+    let all: Vec<usize> = (0..winners.num_rows()).collect();
+    let (merged, _) = merge_bucket(Some(&kept), &winners, &all, layout, true)?;
+    let merged = merged.ok_or_else(|| Error::internal("forced merge returned nothing"))?;
+    let mut largest_deletes: Vec<(String, u64)> = deletes
+        .deleted_positions(largest)
+        .into_iter()
+        .chain(replaced_in(largest.path()))
+        .map(|p| (largest.path().to_string(), p))
+        .collect();
+    largest_deletes.sort_unstable();
+    largest_deletes.dedup();
+    Ok((merged, largest_deletes, small))
 }
 
 async fn rewrite_bucket(
@@ -215,18 +301,39 @@ async fn rewrite_bucket(
         .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
         .await?;
     let prefix = format!("{attempt_id}-b{bucket}");
-    let stored_rows = files.iter().map(|f| f.entry.record_count()).sum();
-    if !force
-        && io
-            .policy
-            .merge_on_read(rows.len(), stored_rows, deletes.deleted_rows(), files.len())
-    {
+    let shape = BucketShape {
+        incoming: rows.len(),
+        stored_rows: files.iter().map(|f| f.entry.record_count()).sum(),
+        largest_file_rows: files
+            .iter()
+            .map(|f| f.entry.record_count())
+            .max()
+            .unwrap_or(0),
+        deleted_rows: deletes.deleted_rows(),
+        data_files: files.len(),
+    };
+    let mode = if force {
+        BucketMode::CopyOnWrite
+    } else {
+        io.policy.mode(&shape)
+    };
+    if let BucketMode::MergeOnRead { merge_small_files } = mode {
         let stored = StoredBucket {
             id: bucket,
             files: &files,
+            delete_files: &delete_files,
             deletes: &deletes,
         };
-        let done = merge_on_read(&io, &state, &incoming, &rows, stored, prefix).await?;
+        let done = merge_on_read(
+            &io,
+            &state,
+            &incoming,
+            &rows,
+            stored,
+            merge_small_files,
+            prefix,
+        )
+        .await?;
         return Ok(Some(done));
     }
     // Copy-on-write (also the automatic compaction of a bucket past the merge-on-read
@@ -253,11 +360,7 @@ async fn rewrite_bucket(
     Ok(Some(BucketRewrite {
         added,
         removed: files,
-        // Only this bucket's own delete files: they name no file of another bucket.
-        removed_deletes: delete_files
-            .into_iter()
-            .filter(|d| d.bucket == Some(bucket))
-            .collect(),
+        removed_deletes: own_deletes(bucket, &delete_files),
         stats,
         ..BucketRewrite::default()
     }))
