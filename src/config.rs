@@ -42,11 +42,12 @@ pub struct StoreConfig {
     /// rows (0 turns merge-on-read off: every write is copy-on-write).
     #[serde(default = "default_mor_max_fraction")]
     pub merge_on_read_max_fraction: f64,
-    /// A bucket that would hold more data files than this after a merge-on-read write is
-    /// rewritten copy-on-write instead (automatic compaction).
+    /// A merge-on-read write into a bucket holding this many data files merges the bucket's
+    /// small files into one (automatic compaction).
     #[serde(default = "default_mor_max_files")]
     pub merge_on_read_max_files: usize,
-    /// Likewise when more than this fraction of the bucket's rows would be deleted rows.
+    /// A bucket in which more than this fraction of the stored rows would be deleted rows is
+    /// rewritten copy-on-write (automatic compaction).
     #[serde(default = "default_mor_max_delete_ratio")]
     pub merge_on_read_max_delete_ratio: f64,
 }
@@ -241,5 +242,37 @@ mod tests {
             StoreConfig::from_json(r#"{"catalog_type":"hive"}"#),
             Err(Error::Config(_))
         ));
+    }
+
+    #[test]
+    fn merge_on_read_limits_are_checked() {
+        let json = |extra: &str| {
+            format!(
+                r#"{{"catalog_type":"sql","catalog_name":"c","uri":"sqlite:///x","warehouse":"w",
+                "namespace":"ns","partition_count":16,"metadata_refresh_seconds":1.0,
+                "snapshot_retention_count":1,"snapshot_retention_seconds":1.0,
+                "metadata_previous_versions_max":5,"commit_max_retries":3,
+                "entity_key_serialization_version":3{extra}}}"#
+            )
+        };
+        let cfg = StoreConfig::from_json(&json("")).unwrap();
+        assert_eq!(
+            (
+                cfg.merge_on_read_max_fraction,
+                cfg.merge_on_read_max_files,
+                cfg.merge_on_read_max_delete_ratio
+            ),
+            (0.1, 8, 0.2)
+        );
+        for bad in [
+            r#","merge_on_read_max_fraction":1.5"#,
+            r#","merge_on_read_max_delete_ratio":-0.1"#,
+            r#","merge_on_read_max_files":1"#,
+        ] {
+            assert!(
+                matches!(StoreConfig::from_json(&json(bad)), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
     }
 }

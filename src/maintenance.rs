@@ -188,7 +188,7 @@ impl Store {
     pub async fn duplicate_keys(&self, table: &str) -> Result<u64> {
         let id = self.table_id(table)?;
         let state = self.current(&id, Duration::ZERO).await?;
-        state.files.check_deletes_supported(&id.to_string())?;
+        state.files.check_deletes_supported(&id)?;
         let mut by_bucket: HashMap<Option<i32>, Vec<&Arc<LiveFile>>> = HashMap::new();
         for f in &state.files.data {
             by_bucket.entry(f.bucket).or_default().push(f);

@@ -144,7 +144,7 @@ impl SnapshotFiles {
     }
 
     /// Fails on tables whose deletes we cannot apply (equality deletes from other engines).
-    pub fn check_deletes_supported(&self, table: &str) -> Result<()> {
+    pub fn check_deletes_supported(&self, table: &dyn std::fmt::Display) -> Result<()> {
         if self.equality_deletes > 0 {
             return Err(Error::input(format!(
                 "table {table} has {} equality-delete files (written by another engine), which \

@@ -90,12 +90,12 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     rows they replace, instead of a rewrite of the bucket. 0: always copy-on-write."""
 
     merge_on_read_max_files: int = Field(default=8, ge=2)
-    """Automatic compaction: a bucket that would hold more data files than this is rewritten
-    (copy-on-write, its delete files dropped) by the write that touches it."""
+    """Automatic compaction: a merge-on-read write into a bucket that holds this many data files
+    merges the bucket's small files (all but the largest) into one."""
 
     merge_on_read_max_delete_ratio: float = Field(default=0.2, ge=0, le=1)
-    """Automatic compaction, likewise when more than this fraction of the bucket's stored rows
-    would be deleted rows."""
+    """Automatic compaction: a bucket in which more than this fraction of the stored rows would
+    be deleted rows is rewritten copy-on-write (one file, its delete files dropped)."""
 
     @field_validator("storage_options", mode="before")
     @classmethod

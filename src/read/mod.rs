@@ -142,7 +142,7 @@ pub async fn lookup(
     not_before: Option<i64>,
 ) -> Result<ReadOutput> {
     let layout = &state.layout;
-    state.files.check_deletes_supported(&state.id.to_string())?;
+    state.files.check_deletes_supported(&state.id)?;
     let bucket_of_key = buckets(serialized_keys, layout.buckets)?;
 
     // The requested keys of each file the request touches; every file is read once,

@@ -122,9 +122,6 @@ struct StoreIo {
     policy: MorPolicy,
 }
 
-/// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
-/// stored rows they replace. The stored rows are found like a read finds them (cached index,
-/// or a page-level probe of a cold file), deletes applied.
 /// A bucket as stored: its data files and delete files, and the deletes decoded.
 struct StoredBucket<'a> {
     id: i32,
@@ -143,6 +140,10 @@ fn own_deletes(bucket: i32, delete_files: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>
         .collect()
 }
 
+/// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
+/// stored rows they replace. The stored rows are found like a read finds them (cached index,
+/// or a page-level probe of a cold file), deletes applied. With `merge_small_files`
+/// the small files are folded in too (`merge_small`).
 async fn merge_on_read(
     io: &StoreIo,
     state: &TableState,
@@ -387,7 +388,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
             state.id
         )));
     }
-    state.files.check_deletes_supported(&state.id.to_string())?;
+    state.files.check_deletes_supported(&state.id)?;
     let attempt_id = Uuid::new_v4();
     let io = StoreIo {
         file_io: store.file_io.clone(),

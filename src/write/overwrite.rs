@@ -252,7 +252,7 @@ async fn prepare_inner(
     mut changes: Changes,
     written: &mut Vec<String>,
 ) -> Result<PreparedCommit> {
-    base.files.check_deletes_supported(&base.id.to_string())?;
+    base.files.check_deletes_supported(&base.id)?;
     let mut requirements = vec![
         TableRequirement::UuidMatch {
             uuid: base.metadata.uuid(),
