@@ -278,7 +278,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
                 # for a local path.
                 "warehouse": f"s3://{sw.table_bucket}",
                 "namespace": fresh_namespace(),
-                "storage_options": {"credential": sw.credential, **sw.s3_options()},
+                "storage_options": sw.rest_options(),
             },
         )
     raise AssertionError(name)

@@ -374,6 +374,16 @@ class SeaweedServer:
         """PyIceberg's REST `credential`: OAuth2 client id and secret."""
         return f"{self.access_key}:{self.secret_key}"
 
+    def rest_options(self) -> dict[str, str]:
+        """PyIceberg REST catalog properties (OAuth2 client credentials and the token endpoint,
+        which PyIceberg otherwise guesses with a deprecation warning) plus `s3_options()`:
+        the server vends no S3 credentials, so clients bring their own."""
+        return {
+            "credential": self.credential,
+            "oauth2-server-uri": f"{self.iceberg_uri}/v1/oauth/tokens",
+            **self.s3_options(),
+        }
+
     def s3_options(self) -> dict[str, str]:
         """PyIceberg FileIO properties for this server."""
         return {
