@@ -258,10 +258,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
         return Backend(
             name,
             lambda repo: {
-                # SQLAlchemy's spelling, which both we and PyIceberg take (a bare
-                # postgresql:// means psycopg 3 to SQLAlchemy 2.1; PyIceberg's extra brings
-                # psycopg2).
-                "uri": pg.uri("postgresql+psycopg2"),
+                **servers.postgres_online_store(pg),
                 "warehouse": str(repo / "data" / "warehouse"),
                 "namespace": fresh_namespace(),
             },
@@ -270,16 +267,7 @@ def backend(request: pytest.FixtureRequest) -> Backend:
         sw: servers.SeaweedServer = request.getfixturevalue("seaweed_server")
         return Backend(
             name,
-            lambda repo: {
-                "catalog_type": "rest",
-                "uri": sw.iceberg_uri,
-                # The table bucket is the REST catalog's warehouse; tables go to
-                # s3://<bucket>/<namespace>/<table>. The s3:// form keeps it from being taken
-                # for a local path.
-                "warehouse": f"s3://{sw.table_bucket}",
-                "namespace": fresh_namespace(),
-                "storage_options": sw.rest_options(),
-            },
+            lambda repo: {**servers.rest_s3_online_store(sw), "namespace": fresh_namespace()},
         )
     raise AssertionError(name)
 

@@ -295,6 +295,13 @@ def start_postgres() -> PostgresServer:
     return PostgresServer(postgres_bin())
 
 
+def postgres_online_store(pg: PostgresServer) -> dict[str, Any]:
+    """online_store fields for an SQL catalog on `pg` (the warehouse is left to the caller)."""
+    # SQLAlchemy's spelling, which both we and PyIceberg take (a bare postgresql:// means
+    # psycopg 3 to SQLAlchemy 2.1; PyIceberg's sql-postgres extra brings psycopg2).
+    return {"catalog_type": "sql", "uri": pg.uri("postgresql+psycopg2")}
+
+
 # --------------------------------------------------------------------------------------------
 # SeaweedFS
 
@@ -512,3 +519,16 @@ class _PortClash(RuntimeError):
 
 def start_seaweed() -> SeaweedServer:
     return SeaweedServer(weed_binary())
+
+
+def rest_s3_online_store(sw: SeaweedServer) -> dict[str, Any]:
+    """online_store fields for `sw`'s REST catalog, tables on its S3."""
+    return {
+        "catalog_type": "rest",
+        "uri": sw.iceberg_uri,
+        # The table bucket is the REST catalog's warehouse; tables go to
+        # s3://<bucket>/<namespace>/<table>. The s3:// form keeps it from being taken for a
+        # local path.
+        "warehouse": f"s3://{sw.table_bucket}",
+        "storage_options": sw.rest_options(),
+    }

@@ -26,7 +26,7 @@ KEYS = range(100)
 
 
 def on_postgres(make_env: Callable[..., Env], pg: servers.PostgresServer, **online: Any) -> Env:
-    return make_env(uri=pg.uri("postgresql+psycopg2"), namespace=fresh_namespace(), **online)
+    return make_env(**servers.postgres_online_store(pg), namespace=fresh_namespace(), **online)
 
 
 def test_pyiceberg_sql_catalog_on_the_same_postgres_sees_one_row_per_key(
