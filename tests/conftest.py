@@ -36,8 +36,7 @@ NAMESPACE = "feast_online"
 BASE_TS = datetime(2026, 1, 1, 12, 0, 0)
 
 BACKENDS = ("sqlite", "postgres", "rest-s3")
-# rest-s3 joins once the Rust core serves REST catalogs and S3 warehouses.
-DEFAULT_BACKENDS = "sqlite,postgres"
+DEFAULT_BACKENDS = "sqlite,postgres,rest-s3"
 
 Row = tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]
 
