@@ -6,9 +6,12 @@ from __future__ import annotations
 import multiprocessing
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import (
     BASE_TS,
+    Backend,
     Env,
     driver_key,
     driver_row,
@@ -23,15 +26,19 @@ BATCHES = 20
 OWN_KEYS = 40
 SHARED_KEYS = range(100_000, 100_040)
 
+pytestmark = pytest.mark.backends
+
 
 def own_keys(writer: int) -> range:
     return range(writer * 1000, writer * 1000 + OWN_KEYS)
 
 
-def writer_process(repo: str, writer: int, start: multiprocessing.synchronize.Barrier) -> None:
+def writer_process(
+    repo: str, online: dict[str, Any], writer: int, start: multiprocessing.synchronize.Barrier
+) -> None:
     from feast_iceberg import IcebergOnlineStore
 
-    config = repo_config(Path(repo))
+    config = repo_config(Path(repo), **online)
     store = IcebergOnlineStore()
     view = driver_view()
     start.wait()
@@ -49,7 +56,8 @@ def test_four_writer_processes_lose_no_update(env: Env) -> None:
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(WRITERS)
     procs = [
-        ctx.Process(target=writer_process, args=(str(env.repo), w, start)) for w in range(WRITERS)
+        ctx.Process(target=writer_process, args=(str(env.repo), env.online, w, start))
+        for w in range(WRITERS)
     ]
     for p in procs:
         p.start()
@@ -88,7 +96,14 @@ def _child_reads(queue: multiprocessing.Queue) -> None:
 _FORKED: list = []
 
 
-def test_a_store_used_before_fork_works_in_the_child(make_env) -> None:
+def test_a_store_used_before_fork_works_in_the_child(make_env, backend: Backend) -> None:
+    if backend.name == "postgres":
+        # Core bug: the child inherits the parent's catalog connection pool and talks over the
+        # parent's PostgreSQL sockets. Afterwards the parent's next catalog call either times out
+        # ("pool timed out while waiting for an open connection") or blocks forever in Rust,
+        # out of reach of pytest's timeout; sometimes it passes. Not run until the core
+        # reconnects after a fork as it rebuilds its runtime (src/runtime.rs); then drop this.
+        pytest.xfail("core shares its PostgreSQL pool across fork")
     env = make_env(metadata_refresh_seconds=0)
     view = driver_view()
     env.apply(view)
