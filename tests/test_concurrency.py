@@ -97,13 +97,6 @@ _FORKED: list = []
 
 
 def test_a_store_used_before_fork_works_in_the_child(make_env, backend: Backend) -> None:
-    if backend.name == "postgres":
-        # Core bug: the child inherits the parent's catalog connection pool and talks over the
-        # parent's PostgreSQL sockets. Afterwards the parent's next catalog call either times out
-        # ("pool timed out while waiting for an open connection") or blocks forever in Rust,
-        # out of reach of pytest's timeout; sometimes it passes. Not run until the core
-        # reconnects after a fork as it rebuilds its runtime (src/runtime.rs); then drop this.
-        pytest.xfail("core shares its PostgreSQL pool across fork")
     env = make_env(metadata_refresh_seconds=0)
     view = driver_view()
     env.apply(view)
