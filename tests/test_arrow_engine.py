@@ -431,9 +431,7 @@ def e2e_views(source_path: Path) -> list[FeatureView]:
             Field(name="i64", dtype=Int64),
             Field(name="tags", dtype=Set(String)),
         ],
-        source=FileSource(
-            name="set_src", path=str(source_path), timestamp_field="event_timestamp"
-        ),
+        source=FileSource(name="set_src", path=str(source_path), timestamp_field="event_timestamp"),
     )
     return [typed_view("typed", plain_src), typed_view("mapped", mapped), with_set]
 

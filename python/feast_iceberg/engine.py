@@ -125,9 +125,7 @@ class _ArrowFeatureBuilder(LocalFeatureBuilder):
         self.chunk_rows = chunk_rows
 
     def build_output_nodes(self, view: Any, input_node: Any) -> ArrowOutputNode:
-        node = ArrowOutputNode(
-            "output", self.dag_root.view, self.chunk_rows, inputs=[input_node]
-        )
+        node = ArrowOutputNode("output", self.dag_root.view, self.chunk_rows, inputs=[input_node])
         self.nodes.append(node)
         return node
 
