@@ -577,3 +577,185 @@ pub async fn ingest(
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{
+        Float64Array, Int32Array, LargeBinaryArray, ListArray, StringArray,
+        TimestampNanosecondArray, TimestampSecondArray,
+    };
+
+    use super::*;
+    use crate::convert::serialize_entity_key;
+    use crate::proto::value::Val;
+    use crate::proto::{EntityKey, Value};
+
+    const UTC: &str = "+00:00";
+
+    fn column(name: &str, value_type: i32) -> Column {
+        Column {
+            name: name.into(),
+            value_type,
+            kind: ColumnKind::from_value_type(value_type).unwrap(),
+            index: 0,
+        }
+    }
+
+    fn micros_type() -> DataType {
+        DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+    }
+
+    fn list_of(dt: DataType) -> DataType {
+        DataType::List(Arc::new(Field::new("element", dt, true)))
+    }
+
+    #[test]
+    fn float_nan_becomes_null_and_narrows_like_protobuf() {
+        let source: ArrayRef = Arc::new(Float64Array::from(vec![Some(0.1), Some(f64::NAN), None]));
+        let out = to_table_array(&column("f", 6), &DataType::Float32, &source).unwrap();
+        let out = out.as_primitive::<Float32Type>();
+        assert_eq!(out.value(0), 0.1f64 as f32);
+        assert!(out.is_null(1) && out.is_null(2));
+    }
+
+    #[test]
+    fn integers_are_range_checked_and_floats_truncate() {
+        let wide: ArrayRef = Arc::new(Int64Array::from(vec![1, 1 << 40]));
+        let err = to_table_array(&column("n", 3), &DataType::Int32, &wide).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(m) if m.contains("\"n\"")));
+        // Feast's pandas steps turn an int column with nulls into float64 with NaN.
+        let floats: ArrayRef = Arc::new(Float64Array::from(vec![Some(7.9), Some(f64::NAN)]));
+        let out = to_table_array(&column("n", 4), &DataType::Int64, &floats).unwrap();
+        let out = out.as_primitive::<Int64Type>();
+        assert_eq!(out.value(0), 7);
+        assert!(out.is_null(1));
+    }
+
+    #[test]
+    fn event_timestamps_floor_to_micros_and_keep_nulls() {
+        let ns: ArrayRef = Arc::new(TimestampNanosecondArray::from(vec![
+            Some(1_500),
+            Some(-1_500),
+            None,
+        ]));
+        let out = event_micros(&ns, &micros_type(), "e").unwrap();
+        assert_eq!(out.value(0), 1);
+        assert_eq!(out.value(1), -2);
+        assert!(out.is_null(2));
+        assert_eq!(out.data_type(), &micros_type());
+        let s: ArrayRef = Arc::new(TimestampSecondArray::from(vec![i64::MAX]));
+        assert!(event_micros(&s, &micros_type(), "e").is_err());
+    }
+
+    #[test]
+    fn timestamp_features_keep_whole_seconds_and_nan_for_null() {
+        let ns: ArrayRef = Arc::new(
+            TimestampNanosecondArray::from(vec![Some(2_999_999_999), Some(-1), None])
+                .with_timezone("America/New_York"),
+        );
+        let out = to_table_array(&column("t", 8), &micros_type(), &ns).unwrap();
+        let out = out.as_primitive::<arrow_array::types::TimestampMicrosecondType>();
+        assert_eq!(
+            out.values().to_vec(),
+            vec![2_000_000, -1_000_000, NAN_TIMESTAMP]
+        );
+        assert_eq!(out.null_count(), 0);
+    }
+
+    #[test]
+    fn null_list_elements_get_feast_defaults() {
+        let values: ArrayRef = Arc::new(StringArray::from(vec![Some("a"), None, Some("b")]));
+        let offsets = arrow_buffer::OffsetBuffer::new(vec![0, 2, 3, 3].into());
+        let field = Arc::new(Field::new("item", DataType::Utf8, true));
+        let nulls = NullBuffer::from(vec![true, true, false]);
+        let source: ArrayRef = Arc::new(ListArray::new(field, offsets, values, Some(nulls)));
+        // A slice, so the child holds values outside the rows converted.
+        let source = source.slice(1, 2);
+        let out = to_table_array(&column("l", 12), &list_of(DataType::Utf8), &source).unwrap();
+        let out = out.as_list::<i32>();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out.value(0).as_string::<i32>().value(0), "b");
+        assert!(out.is_null(1));
+
+        let floats =
+            ListArray::from_iter_primitive::<Float32Type, _, _>([Some(vec![Some(1.5), None])]);
+        let floats: ArrayRef = Arc::new(floats);
+        let out = to_table_array(&column("l", 16), &list_of(DataType::Float32), &floats).unwrap();
+        let items = out.as_list::<i32>().value(0);
+        let items = items.as_primitive::<Float32Type>();
+        assert_eq!(items.value(0), 1.5);
+        assert!(items.value(1).is_nan() && items.null_count() == 0);
+
+        let ints = ListArray::from_iter_primitive::<Int32Type, _, _>([Some(vec![None, Some(4)])]);
+        let ints: ArrayRef = Arc::new(ints);
+        let out = to_table_array(&column("l", 13), &list_of(DataType::Int32), &ints).unwrap();
+        let items = out.as_list::<i32>().value(0);
+        assert_eq!(
+            items.as_primitive::<Int32Type>().values().to_vec(),
+            vec![0, 4]
+        );
+    }
+
+    #[test]
+    fn unsupported_types_say_why() {
+        assert!(unsupported(&column("s", 2), &DataType::Int64).is_some());
+        assert!(unsupported(&column("set", 24), &list_of(DataType::Int64)).is_some());
+        assert!(unsupported(&column("map", 20), &DataType::Binary).is_some());
+        assert!(unsupported(&column("li", 14), &list_of(DataType::Float64)).is_some());
+        assert!(unsupported(&column("li", 14), &list_of(DataType::Int32)).is_none());
+        assert!(unsupported(&column("i", 4), &DataType::Null).is_none());
+    }
+
+    #[test]
+    fn entity_keys_match_the_proto_encoding() {
+        let mapped = |name: &str, value_type| Mapped {
+            col: column(name, value_type),
+            source: 0,
+        };
+        // Sorted by name, as `Resolved::new` leaves them.
+        let keys = vec![
+            mapped("driver_id", 4),
+            mapped("n", 3),
+            mapped("raw", 1),
+            mapped("zone", 2),
+        ];
+        let resolved = Resolved {
+            key_header: entity_key_header(&["driver_id", "n", "raw", "zone"]).unwrap(),
+            keys,
+            features: Vec::new(),
+            event_ts: 0,
+            created_ts: None,
+        };
+        let typed: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![1001, -7])),
+            Arc::new(Int32Array::from(vec![3, 0])),
+            Arc::new(LargeBinaryArray::from(vec![&b"\x00\xff"[..], b""])),
+            Arc::new(StringArray::from(vec!["eu", "héllo"])),
+        ];
+        let out = resolved.entity_keys(&typed, 2).unwrap();
+        let out = out.as_binary::<i64>();
+        let expect = |id, n, raw: &[u8], zone: &str| {
+            let v = |val| Value { val: Some(val) };
+            serialize_entity_key(&EntityKey {
+                join_keys: vec!["zone".into(), "raw".into(), "n".into(), "driver_id".into()],
+                entity_values: vec![
+                    v(Val::StringVal(zone.into())),
+                    v(Val::BytesVal(raw.to_vec())),
+                    v(Val::Int32Val(n)),
+                    v(Val::Int64Val(id)),
+                ],
+            })
+            .unwrap()
+        };
+        assert_eq!(out.value(0), expect(1001, 3, b"\x00\xff", "eu"));
+        assert_eq!(out.value(1), expect(-7, 0, b"", "héllo"));
+        let with_null: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(vec![Some(1), None])),
+            typed[1].clone(),
+            typed[2].clone(),
+            typed[3].clone(),
+        ];
+        let err = resolved.entity_keys(&with_null, 2).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput(m) if m.contains("driver_id")));
+    }
+}
