@@ -208,8 +208,14 @@ impl Resolved {
     }
 
     /// One source batch (of the schema this was resolved against) in the table schema. Every
-    /// value is checked here; nothing is written.
-    pub fn convert(&self, layout: &Layout, batch: &RecordBatch) -> Result<RecordBatch> {
+    /// value is checked here; nothing is written. `first_row`: the batch's position in the
+    /// stream, so errors name the offending row of the whole offline result.
+    pub fn convert(
+        &self,
+        layout: &Layout,
+        batch: &RecordBatch,
+        first_row: usize,
+    ) -> Result<RecordBatch> {
         let rows = batch.num_rows();
         let mut columns: Vec<Option<ArrayRef>> = vec![None; layout.arrow.fields().len()];
         let typed_keys = self
@@ -223,7 +229,7 @@ impl Resolved {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        columns[layout.entity_key] = Some(self.entity_keys(&typed_keys, rows)?);
+        columns[layout.entity_key] = Some(self.entity_keys(&typed_keys, rows, first_row)?);
         for (m, array) in self.keys.iter().zip(typed_keys) {
             columns[m.col.index] = Some(array);
         }
@@ -235,7 +241,8 @@ impl Resolved {
         let event = event_micros(batch.column(self.event_ts), ts_type, "event timestamp")?;
         if let Some(row) = (0..rows).find(|&r| event.is_null(r)) {
             return Err(Error::input(format!(
-                "event timestamp is null in row {row} of the offline-store result"
+                "event timestamp is null in row {} of the offline-store result",
+                first_row + row
             )));
         }
         columns[layout.event_ts] = Some(Arc::new(event));
@@ -247,7 +254,7 @@ impl Resolved {
     }
 
     /// Feast's serialized entity key per row, from the join-key columns in table types.
-    fn entity_keys(&self, typed: &[ArrayRef], rows: usize) -> Result<ArrayRef> {
+    fn entity_keys(&self, typed: &[ArrayRef], rows: usize, first_row: usize) -> Result<ArrayRef> {
         let mut out = LargeBinaryBuilder::with_capacity(rows, rows * (self.key_header.len() + 24));
         let mut key = Vec::with_capacity(self.key_header.len() + 24 * typed.len());
         for row in 0..rows {
@@ -256,8 +263,9 @@ impl Resolved {
             for (m, array) in self.keys.iter().zip(typed) {
                 if array.is_null(row) {
                     return Err(Error::input(format!(
-                        "join key {:?} is null in row {row} of the offline-store result",
-                        m.col.name
+                        "join key {:?} is null in row {} of the offline-store result",
+                        m.col.name,
+                        first_row + row
                     )));
                 }
                 let ColumnKind::Scalar(kind) = m.col.kind else {
@@ -530,10 +538,11 @@ pub async fn check(
     cols: &SourceColumns,
     schema: &Schema,
 ) -> Result<()> {
-    let state = store
-        .current(&store.table_id(table)?, Duration::ZERO)
-        .await?;
-    Resolved::new(&state.layout, cols, schema).map(|_| ())
+    let id = store.table_id(table)?;
+    let state = store.current(&id, Duration::ZERO).await?;
+    Resolved::new(&state.layout, cols, schema)
+        .map(|_| ())
+        .map_err(|e| e.context(id))
 }
 
 /// Upserts the rows of `batches` (all of `schema`) into `table`, one snapshot per chunk of at
@@ -553,7 +562,8 @@ pub async fn ingest(
     let id = store.table_id(table)?;
     let state = store.current(&id, Duration::ZERO).await?;
     let layout = state.layout.clone();
-    let resolved = Resolved::new(&layout, cols, schema).map_err(|e| e.in_table(&id))?;
+    let resolved = Resolved::new(&layout, cols, schema)
+        .map_err(|e| e.context(format!("materializing into {id}")))?;
     let mut report = IngestReport::default();
     let mut pending = Vec::new();
     let mut pending_rows = 0;
@@ -563,7 +573,11 @@ pub async fn ingest(
         let mut offset = 0;
         while offset < batch.num_rows() {
             let take = (chunk_rows - pending_rows).min(batch.num_rows() - offset);
-            pending.push(resolved.convert(&layout, &batch.slice(offset, take))?);
+            let first_row = report.rows_read - batch.num_rows() + offset;
+            let converted = resolved
+                .convert(&layout, &batch.slice(offset, take), first_row)
+                .map_err(|e| e.context(format!("materializing into {id}")))?;
+            pending.push(converted);
             pending_rows += take;
             offset += take;
             if pending_rows == chunk_rows {
@@ -732,7 +746,7 @@ mod tests {
             Arc::new(LargeBinaryArray::from(vec![&b"\x00\xff"[..], b""])),
             Arc::new(StringArray::from(vec!["eu", "héllo"])),
         ];
-        let out = resolved.entity_keys(&typed, 2).unwrap();
+        let out = resolved.entity_keys(&typed, 2, 0).unwrap();
         let out = out.as_binary::<i64>();
         let expect = |id, n, raw: &[u8], zone: &str| {
             let v = |val| Value { val: Some(val) };
@@ -755,7 +769,9 @@ mod tests {
             typed[2].clone(),
             typed[3].clone(),
         ];
-        let err = resolved.entity_keys(&with_null, 2).unwrap_err();
-        assert!(matches!(err, Error::InvalidInput(m) if m.contains("driver_id")));
+        let err = resolved.entity_keys(&with_null, 2, 40).unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidInput(m) if m.contains("\"driver_id\" is null in row 41"))
+        );
     }
 }
