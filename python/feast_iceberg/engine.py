@@ -107,6 +107,7 @@ class ArrowOutputNode(LocalOutputNode):
             return False
         columns = source_columns(view)
         if columns is None:
+            logger.info("feast-iceberg: %s takes Feast's proto path: no batch source", view.name)
             return False
         store = online._store(context.repo_config)
         name = table_name(context.repo_config, view)
