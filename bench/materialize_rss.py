@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,7 @@ def main() -> int:
             f"({r['seconds']:.1f} s), peak RSS {r['peak_mb']:,.0f} MB "
             f"({r['rss_mb_before']:,.0f} MB before it{table_mb})"
         )
+    shutil.rmtree(tmp, ignore_errors=True)  # the source and warehouses: GBs at 5M rows
     return 0
 
 
