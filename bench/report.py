@@ -266,6 +266,12 @@ def targets(spec: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[st
         (f"live rows after {n} materializations == entities",
          dig(ours, "materialize", "after_n", "storage", "rows"), spec["entities"], 1.0),
     ]  # fmt: skip
+    arrow = results.get("iceberg-arrow")
+    if arrow:
+        checks.append(
+            ("materialize through the Arrow engine >= 50,000 rows/s (runs 2..n)",
+             50_000, later_runs_mean(arrow), 1.0),
+        )  # fmt: skip
     lines = []
     for label, left, right, factor in checks:
         if left is None or right is None:

@@ -45,7 +45,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--entities", type=int, help="override the number of entities")
     parser.add_argument("--rounds", type=int, help="override the number of materializations")
     parser.add_argument(
-        "--stores", nargs="+", default=["sqlite", "iceberg"], choices=sorted(stores.LABELS)
+        "--stores",
+        nargs="+",
+        default=["sqlite", "iceberg", "iceberg-arrow"],
+        choices=sorted(stores.LABELS),
     )
     parser.add_argument("--timeout", type=float, help="seconds per store (default 150 / 3600)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary repos and logs")

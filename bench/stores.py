@@ -12,13 +12,20 @@ ICEBERG_NAMESPACE = "feast_online"
 ICEBERG_TABLE = f"{ICEBERG_NAMESPACE}.{PROJECT}_{FEATURE_VIEW}_online"
 SQLITE_TABLE = f"{PROJECT}_{FEATURE_VIEW}"
 
-LABELS = {"sqlite": "Feast sqlite store", "iceberg": "feast-iceberg"}
+LABELS = {
+    "sqlite": "Feast sqlite store",
+    "iceberg": "feast-iceberg",
+    "iceberg-arrow": "feast-iceberg, Arrow engine",
+}
+# Measured for materialization only: everything else is the `iceberg` store itself.
+MATERIALIZE_ONLY = {"iceberg-arrow"}
+ARROW_ENGINE_YAML = "batch_engine:\n  type: feast_iceberg.IcebergArrowEngine\n"
 
 
 def online_store_yaml(store: str, data_dir: Path) -> str:
     if store == "sqlite":
         return f"  type: sqlite\n  path: {data_dir / 'online.db'}\n"
-    if store == "iceberg":
+    if store in ("iceberg", "iceberg-arrow"):
         return (
             "  type: feast_iceberg.IcebergOnlineStore\n"
             "  catalog_type: sql\n"
@@ -40,6 +47,7 @@ def feature_store_yaml(store: str, data_dir: Path) -> str:
         "offline_store:\n"
         "  type: file\n"
         "entity_key_serialization_version: 3\n"
+        + (ARROW_ENGINE_YAML if store == "iceberg-arrow" else "")
     )
 
 

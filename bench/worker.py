@@ -314,6 +314,12 @@ def main() -> None:
     results = Results(args.out, args.store)
 
     repo = None
+    if args.store in stores.MATERIALIZE_ONLY:
+        with results.section("materialize"):
+            bench_materialize(results, args.store, args.workdir, spec)
+        results["rss"] = rss()
+        results["finished"] = True
+        return
     with results.section("online_write_batch"):
         repo = bench_writes(results, args.store, args.workdir, spec)
     with results.section("read"):

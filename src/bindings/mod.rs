@@ -1,6 +1,7 @@
 //! The Python module `feast_iceberg._internal`: the only code that knows about Python.
 //! Every call that may touch the catalog or storage runs with the GIL released.
 
+mod arrow;
 mod errors;
 
 use std::sync::Arc;
@@ -341,5 +342,6 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<PyStore>()?;
     m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;
+    arrow::register(m)?;
     Ok(())
 }
