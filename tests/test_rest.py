@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 import servers
 from conftest import Env, driver_key, driver_row, driver_view, expected_values, plain, repo_config
-from test_interop import duckdb_with_iceberg
-
 from feast_iceberg import IcebergOnlineStore
 from feast_iceberg.exceptions import CatalogError
+from test_interop import duckdb_with_iceberg
 
 N = 200
 
