@@ -41,7 +41,7 @@ fn check_arrow(
 ) -> PyResult<Option<String>> {
     let cols = source_columns(join_keys, features, event_ts, created_ts);
     let schema = schema.into_inner();
-    let inner = store.get().inner.clone();
+    let inner = store.get().core()?.clone();
     let checked = py.detach(|| {
         crate::runtime::block_on(ingest::check(&inner, &table, &cols, &schema)).and_then(|r| r)
     });
@@ -72,7 +72,7 @@ fn write_arrow<'py>(
     let cols = source_columns(join_keys, features, event_ts, created_ts);
     let reader = data.into_reader()?;
     let schema = reader.schema();
-    let inner = store.get().inner.clone();
+    let inner = store.get().core()?.clone();
     let report = run(
         py,
         ingest::ingest(&inner, &table, &cols, &schema, reader, chunk_rows),

@@ -79,7 +79,7 @@ struct PyStore {
 impl PyStore {
     /// The core, if this process built it. A child of `fork()` shares the parent's catalog
     /// sockets; talking over them would garble the parent's conversation with its database.
-    fn core(&self) -> PyResult<&Arc<Store>> {
+    pub(crate) fn core(&self) -> PyResult<&Arc<Store>> {
         if self.pid == std::process::id() {
             Ok(&self.inner)
         } else {
@@ -243,7 +243,7 @@ impl PyStore {
         drop(entity_keys);
         let slices = keys.slices();
         let read = self
-            .inner
+            .core()?
             .read(&table, &slices, features.as_deref(), not_before);
         let out = run(py, read)?;
         let rows = PyList::empty(py);
