@@ -112,3 +112,38 @@ def test_a_store_used_before_fork_works_in_the_child(make_env, backend: Backend)
     assert queue.get(timeout=5) == expected_values(5, 2)["trips"]
     ((_, feats),) = env.read(view, [driver_key(6)])
     assert feats is not None and plain(feats["trips"]) == expected_values(6, 3)["trips"]
+
+
+def _child_uses_core(queue: multiprocessing.Queue) -> None:
+    store, config = _FORKED
+    from feast_iceberg.exceptions import ConfigError
+
+    try:
+        store._store(config).table_exists("anything")  # the parent's core, by hand
+        queue.put("used the parent's connections")
+    except ConfigError as e:
+        queue.put(str(e))
+
+
+def test_a_core_from_before_fork_refuses_to_run_in_the_child(make_env, backend: Backend) -> None:
+    env = make_env()
+    env.apply(driver_view())
+    core = env.store._store(env.config)
+
+    class Pinned:
+        """Hands the child the parent's core instead of building its own."""
+
+        def _store(self, _config: Any) -> Any:
+            return core
+
+    _FORKED[:] = [Pinned(), env.config]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_core, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert "fork" in queue.get(timeout=5)
+    # The parent's connections are intact after the child exited and dropped its copy.
+    env.write(driver_view(), [driver_row(1, 1)])
+    assert env.read(driver_view(), [driver_key(1)])[0][1] is not None
