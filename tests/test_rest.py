@@ -261,3 +261,15 @@ def test_duckdb_reads_one_row_per_key_from_s3(
         "SELECT count(*), count(DISTINCT entity_key) FROM iceberg_scan(?)", [location]
     ).fetchone()
     assert (rows, keys) == (N, N)
+
+
+def test_static_bearer_token(tmp_path: Path, seaweed_server: servers.SeaweedServer) -> None:
+    options = servers.rest_s3_online_store(seaweed_server)
+    storage = {k: v for k, v in options["storage_options"].items() if k != "credential"}
+    token = seaweed_server.oauth_token()
+    options["storage_options"] = {**storage, "token": token}
+    env = rest_env(tmp_path, seaweed_server, "r", **options)
+    env.apply(driver_view())
+    write_version(env, 1)
+    assert_version(env, 1)
+    assert token not in repr(env.config.online_store)
