@@ -76,6 +76,15 @@ def speedup(scaling: dict[str, Any] | None) -> str | None:
     return f"{scaling['threads_4']:,.0f} ({scaling['speedup']:.1f}x)"
 
 
+def warm_metadata_io(cold: dict[str, Any] | None) -> str | None:
+    if not cold or "warm_metadata_ms" not in cold:
+        return None
+    return (
+        f"{fmt_ms(cold['warm_metadata_ms'])}; {cold['warm_metadata_data_bytes'] / 1e3:,.0f} "
+        f"({cold['warm_metadata_data_requests']:.0f})"
+    )
+
+
 def cold_io(cold: dict[str, Any] | None) -> str | None:
     if not cold:
         return None
@@ -152,6 +161,8 @@ def rows(spec: dict[str, Any]) -> list[tuple[str, str, str, Callable[[dict], str
          at(lambda v: None if v is None else fmt_ms(v), "cold_read", "ms")),
         ("  read for it: metadata / data (KB, requests)", "", "cold_read",
          lambda r: cold_io(dig(r, "cold_read"))),
+        ("cold 1 key, metadata cached (ms; data KB, requests)", "", "cold_read",
+         lambda r: warm_metadata_io(dig(r, "cold_read"))),
         ("values read back == values written", "", "", check),
         ("peak RSS of the worker process (MB)", "", "", at(rate, "rss", "peak_mb")),
     ]  # fmt: skip
@@ -255,6 +266,12 @@ def targets(spec: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[st
         (f"live rows after {n} materializations == entities",
          dig(ours, "materialize", "after_n", "storage", "rows"), spec["entities"], 1.0),
     ]  # fmt: skip
+    arrow = results.get("iceberg-arrow")
+    if arrow:
+        checks.append(
+            ("materialize through the Arrow engine >= 50,000 rows/s (runs 2..n)",
+             50_000, later_runs_mean(arrow), 1.0),
+        )  # fmt: skip
     lines = []
     for label, left, right, factor in checks:
         if left is None or right is None:

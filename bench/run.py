@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -45,11 +47,31 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--entities", type=int, help="override the number of entities")
     parser.add_argument("--rounds", type=int, help="override the number of materializations")
     parser.add_argument(
-        "--stores", nargs="+", default=["sqlite", "iceberg"], choices=sorted(stores.LABELS)
+        "--stores",
+        nargs="+",
+        default=["sqlite", "iceberg", "iceberg-arrow"],
+        choices=sorted(stores.LABELS),
     )
     parser.add_argument("--timeout", type=float, help="seconds per store (default 150 / 3600)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary repos and logs")
     return parser.parse_args()
+
+
+@contextmanager
+def seaweed_for_bench() -> Iterator[None]:
+    """SeaweedFS (S3 + Iceberg REST) for the REST + S3 column, started like the tests do and
+    handed to the workers through the environment only."""
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    import servers
+
+    sw = servers.start_seaweed()
+    os.environ[stores.REST_S3_ENV] = json.dumps(servers.rest_s3_online_store(sw))
+    print(f"SeaweedFS: S3 {sw.s3_endpoint}, REST catalog {sw.iceberg_uri}", flush=True)
+    try:
+        yield
+    finally:
+        del os.environ[stores.REST_S3_ENV]
+        sw.close()
 
 
 def versions() -> dict[str, str | None]:
@@ -121,7 +143,10 @@ def main() -> int:
     )
 
     root = Path(tempfile.mkdtemp(prefix="feast-iceberg-bench-"))
-    results = {store: run_worker(store, spec, root, timeout) for store in args.stores}
+    with ExitStack() as servers_up:
+        if "iceberg-rest-s3" in args.stores and stores.REST_S3_ENV not in os.environ:
+            servers_up.enter_context(seaweed_for_bench())
+        results = {store: run_worker(store, spec, root, timeout) for store in args.stores}
 
     print()
     print(report.table(spec, results))

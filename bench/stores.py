@@ -1,9 +1,13 @@
-"""The two online stores under test: their feature_store.yaml block and how to measure storage."""
+"""The online stores under test: their feature_store.yaml block and how to measure storage."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from workload import FEATURE_VIEW, PROJECT
 
@@ -12,13 +16,33 @@ ICEBERG_NAMESPACE = "feast_online"
 ICEBERG_TABLE = f"{ICEBERG_NAMESPACE}.{PROJECT}_{FEATURE_VIEW}_online"
 SQLITE_TABLE = f"{PROJECT}_{FEATURE_VIEW}"
 
-LABELS = {"sqlite": "Feast sqlite store", "iceberg": "feast-iceberg"}
+LABELS = {
+    "sqlite": "Feast sqlite store",
+    "iceberg": "feast-iceberg",
+    "iceberg-arrow": "feast-iceberg, Arrow engine",
+    "iceberg-rest-s3": "feast-iceberg, REST + S3",
+}
+# The REST catalog + S3 fields (credentials included) come from the environment that
+# bench/run.py (or scripts/servers.py) sets after starting SeaweedFS; never from a file.
+REST_S3_ENV = "FEAST_ICEBERG_ONLINE_STORE_REST_S3"
+
+
+def rest_s3_fields(data_dir: Path) -> dict[str, Any]:
+    """online_store fields for the REST + S3 store, a namespace of its own per repo."""
+    fields: dict[str, Any] = json.loads(os.environ[REST_S3_ENV])
+    fields["namespace"] = "bench_" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:12]
+    return fields
+
+
+# Measured for materialization only: everything else is the `iceberg` store itself.
+MATERIALIZE_ONLY = {"iceberg-arrow"}
+ARROW_ENGINE_YAML = "batch_engine:\n  type: feast_iceberg.IcebergArrowEngine\n"
 
 
 def online_store_yaml(store: str, data_dir: Path) -> str:
     if store == "sqlite":
         return f"  type: sqlite\n  path: {data_dir / 'online.db'}\n"
-    if store == "iceberg":
+    if store in ("iceberg", "iceberg-arrow"):
         return (
             "  type: feast_iceberg.IcebergOnlineStore\n"
             "  catalog_type: sql\n"
@@ -27,7 +51,20 @@ def online_store_yaml(store: str, data_dir: Path) -> str:
             f"  warehouse: {data_dir / 'iceberg_warehouse'}\n"
             f"  namespace: {ICEBERG_NAMESPACE}\n"
         )
+    if store == "iceberg-rest-s3":
+        # JSON is YAML: one flow mapping keeps nested storage_options intact.
+        fields = {"type": "feast_iceberg.IcebergOnlineStore", **rest_s3_fields(data_dir)}
+        return "".join(f"  {k}: {json.dumps(v)}\n" for k, v in fields.items())
     raise ValueError(f"unknown store {store!r}")
+
+
+def _core_stats(data_dir: Path) -> dict[str, Any]:
+    """What the core reports of the bench table on a remote warehouse (no local files)."""
+    from feast_iceberg import IcebergOnlineStoreConfig, _internal
+
+    config = IcebergOnlineStoreConfig(**rest_s3_fields(data_dir))
+    store = _internal.Store(config.to_store_json(data_dir, 3))
+    return store.stats(f"{PROJECT}_{FEATURE_VIEW}_online")
 
 
 def feature_store_yaml(store: str, data_dir: Path) -> str:
@@ -40,6 +77,7 @@ def feature_store_yaml(store: str, data_dir: Path) -> str:
         "offline_store:\n"
         "  type: file\n"
         "entity_key_serialization_version: 3\n"
+        + (ARROW_ENGINE_YAML if store == "iceberg-arrow" else "")
     )
 
 
@@ -53,6 +91,10 @@ def disk_usage(store: str, data_dir: Path) -> tuple[int, int]:
     if store == "sqlite":
         files = list(data_dir.glob("online.db*"))
         return sum(p.stat().st_size for p in files), len(files)
+    if store == "iceberg-rest-s3":
+        # Live data files only: the objects under the table prefix are not listed here.
+        stats = _core_stats(data_dir)
+        return stats["data_bytes"], stats["data_files"]
     return _tree_bytes(data_dir / "iceberg_warehouse")
 
 
@@ -67,6 +109,14 @@ def storage(store: str, data_dir: Path) -> dict[str, object]:
         size = sum(p.stat().st_size for p in data_dir.glob("online.db*"))
         # One SQLite row per (entity, feature); `rows` counts entities like the Iceberg tables.
         return {"rows": keys, "table_rows": table_rows, "bytes": size, "files": 1}
+    if store == "iceberg-rest-s3":
+        stats = _core_stats(data_dir)
+        return {
+            "rows": stats["records"],
+            "bytes": stats["data_bytes"],
+            "files": stats["data_files"],
+            "snapshots": stats["snapshots"],
+        }
     size, files = _tree_bytes(data_dir / "iceberg_warehouse")
     result: dict[str, object] = {"bytes": size, "files": files, "rows": None}
     try:

@@ -23,16 +23,16 @@ use crate::proto::value::Val;
 use crate::proto::{self, EntityKey, Value};
 use crate::schema::{Column, ColumnKind, Layout, Scalar};
 
-const MICROS_PER_SECOND: i64 = 1_000_000;
+pub(crate) const MICROS_PER_SECOND: i64 = 1_000_000;
 
 /// The `Value` oneof field of `null_val`.
 const NULL_TAG: u32 = 19;
 
 /// Feast's NaN timestamp: `unix_timestamp_val = -2**63`, kept as the same instant in microseconds
 /// so it round-trips instead of overflowing.
-const NAN_TIMESTAMP: i64 = i64::MIN;
+pub(crate) const NAN_TIMESTAMP: i64 = i64::MIN;
 
-fn seconds_to_micros(secs: i64, column: &str) -> Result<i64> {
+pub(crate) fn seconds_to_micros(secs: i64, column: &str) -> Result<i64> {
     if secs == NAN_TIMESTAMP {
         return Ok(NAN_TIMESTAMP);
     }
@@ -66,13 +66,8 @@ pub fn serialize_entity_key(key: &EntityKey) -> Result<Vec<u8>> {
     }
     let mut pairs: Vec<(&String, &Value)> = key.join_keys.iter().zip(&key.entity_values).collect();
     pairs.sort_by(|a, b| a.0.cmp(b.0));
-    let mut out = Vec::with_capacity(16 + 24 * pairs.len());
-    push_u32(&mut out, pairs.len())?;
-    for (name, _) in &pairs {
-        push_u32(&mut out, Scalar::String as usize)?;
-        push_u32(&mut out, name.len())?;
-        out.extend_from_slice(name.as_bytes());
-    }
+    let names: Vec<&str> = pairs.iter().map(|(name, _)| name.as_str()).collect();
+    let mut out = entity_key_header(&names)?;
     for (name, value) in &pairs {
         let (kind, bytes): (Scalar, Vec<u8>) = match &value.val {
             Some(Val::StringVal(s)) => (Scalar::String, s.as_bytes().to_vec()),
@@ -87,11 +82,31 @@ pub fn serialize_entity_key(key: &EntityKey) -> Result<Vec<u8>> {
                 )));
             }
         };
-        push_u32(&mut out, kind as usize)?;
-        push_u32(&mut out, bytes.len())?;
-        out.extend_from_slice(&bytes);
+        push_entity_value(&mut out, kind, &bytes)?;
     }
     Ok(out)
+}
+
+/// The start of Feast's entity-key encoding (version 3): the key count and the join-key names,
+/// which must already be sorted by name. It is the same for every row of a feature view, so the
+/// Arrow path builds it once and appends each row's values with `push_entity_value`.
+pub fn entity_key_header(sorted_names: &[&str]) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(16 + 24 * sorted_names.len());
+    push_u32(&mut out, sorted_names.len())?;
+    for name in sorted_names {
+        push_u32(&mut out, Scalar::String as usize)?;
+        push_u32(&mut out, name.len())?;
+        out.extend_from_slice(name.as_bytes());
+    }
+    Ok(out)
+}
+
+/// Appends one join-key value (in the header's name order) to an entity key.
+pub fn push_entity_value(out: &mut Vec<u8>, kind: Scalar, bytes: &[u8]) -> Result<()> {
+    push_u32(out, kind as usize)?;
+    push_u32(out, bytes.len())?;
+    out.extend_from_slice(bytes);
+    Ok(())
 }
 
 /// Reads the little-endian words and byte strings of Feast's entity-key encoding.
@@ -580,6 +595,16 @@ pub fn build_write_batch(layout: &Layout, input: &WriteInput<'_>) -> Result<Reco
         columns[index] = Some(values_to_array(col, dt, &cells)?);
     }
 
+    table_batch(layout, columns, rows)
+}
+
+/// One batch in the table schema from its columns by schema position; a column the writer did
+/// not provide (a feature dropped from the view, still in the table) is all nulls.
+pub fn table_batch(
+    layout: &Layout,
+    columns: Vec<Option<ArrayRef>>,
+    rows: usize,
+) -> Result<RecordBatch> {
     let columns: Vec<ArrayRef> = columns
         .into_iter()
         .zip(layout.arrow.fields())

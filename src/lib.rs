@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod ingest;
 pub mod maintenance;
 pub mod migrate;
 pub mod proto;

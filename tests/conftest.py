@@ -1,15 +1,27 @@
-"""Shared fixtures: a Feast RepoConfig on a real SQLite catalog + local warehouse in a temp dir,
-feature views, and helpers to build rows and read the tables back with PyIceberg."""
+"""Shared fixtures: a Feast RepoConfig on a real catalog + warehouse (an SQLite file and a
+local directory by default; PostgreSQL or SeaweedFS's REST catalog + S3 for the tests marked
+`backends`), feature views, and helpers to build rows and read the tables back with PyIceberg.
+
+Backends: tests marked `@pytest.mark.backends` (module-wide or per test) run once per backend
+named in env `FEAST_ICEBERG_BACKENDS` (comma list, default `DEFAULT_BACKENDS`);
+`@pytest.mark.backends("sqlite")` narrows a test to the named ones. Unmarked tests run on
+SQLite only. The servers a backend needs start on first use, once per session (tests/servers.py);
+one that cannot be installed skips its tests, or fails them with FEAST_ICEBERG_REQUIRE_SERVERS=1.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
+import servers
 from feast import Entity, FeatureView, Field, FileSource
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
@@ -20,9 +32,11 @@ from feast_iceberg import IcebergOnlineStore
 from feast_iceberg.online_store import table_name
 
 PROJECT = "test"
-CATALOG = "feast_catalog"
 NAMESPACE = "feast_online"
 BASE_TS = datetime(2026, 1, 1, 12, 0, 0)
+
+BACKENDS = ("sqlite", "postgres", "rest-s3")
+DEFAULT_BACKENDS = "sqlite,postgres,rest-s3"
 
 Row = tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]
 
@@ -99,13 +113,35 @@ def plain(value: ValueProto) -> Any:
     return None if kind is None else getattr(value, kind)
 
 
+def pyiceberg_catalog(config: RepoConfig) -> Any:
+    """PyIceberg's view of the catalog our store uses, built from the same online_store block
+    the way the contrib store builds its catalog (storage_options are catalog properties)."""
+    from pyiceberg.catalog import load_catalog
+
+    online = config.online_store
+    resolved = json.loads(online.to_store_json(config.repo_path, 3))
+    return load_catalog(
+        online.catalog_name,
+        type=online.catalog_type,
+        uri=resolved["uri"],
+        warehouse=resolved["warehouse"],
+        **online.storage_options,
+    )
+
+
 @dataclass
 class Env:
-    """A store, its repo config and helpers for one test."""
+    """A store, its repo config and helpers for one test. `online` holds the online_store
+    fields the config was built from, for processes that build their own config."""
 
     repo: Path
     config: RepoConfig
     store: IcebergOnlineStore
+    online: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return str(self.config.online_store.namespace)
 
     def apply(self, *views: FeatureView) -> None:
         self.store.update(self.config, [], list(views), [], [driver], partial=False)
@@ -122,28 +158,126 @@ class Env:
         return self.store._store(self.config).stats(table_name(self.config, view))
 
     def catalog(self) -> Any:
-        from pyiceberg.catalog import load_catalog
-
-        return load_catalog(
-            CATALOG,
-            type="sql",
-            uri=f"sqlite:///{self.repo / 'data' / 'catalog.db'}",
-            warehouse=f"file://{self.repo / 'data' / 'warehouse'}",
-        )
+        return pyiceberg_catalog(self.config)
 
     def pyiceberg_table(self, view: FeatureView) -> Any:
-        return self.catalog().load_table(f"{NAMESPACE}.{table_name(self.config, view)}")
+        return self.catalog().load_table(f"{self.namespace}.{table_name(self.config, view)}")
 
     def warehouse_files(self) -> list[Path]:
+        warehouse = self.config.online_store.warehouse
+        assert warehouse is None or "://" not in warehouse, "only local warehouses are listed"
         return [p for p in (self.repo / "data" / "warehouse").rglob("*") if p.is_file()]
 
 
+def selected_backends() -> list[str]:
+    names = [
+        n.strip()
+        for n in os.environ.get("FEAST_ICEBERG_BACKENDS", DEFAULT_BACKENDS).split(",")
+        if n.strip()
+    ]
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(
+            f"FEAST_ICEBERG_BACKENDS: unknown {sorted(unknown)}; use {BACKENDS}"
+        )
+    return names
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backends(*names): run over the backends in FEAST_ICEBERG_BACKENDS (only the named "
+        "ones, when names are given)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("backends")
+    if marker is not None and "backend" in metafunc.fixturenames:
+        names = [n for n in selected_backends() if not marker.args or n in marker.args]
+        metafunc.parametrize("backend", names, indirect=True)
+
+
+class _Server(Protocol):
+    def close(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Server)
+
+
+def start_server(request: pytest.FixtureRequest, start: Callable[[], T]) -> T:
+    """Starts a server for the rest of `request`'s scope. One that cannot be installed skips
+    the tests that need it, unless FEAST_ICEBERG_REQUIRE_SERVERS=1 (CI) makes that a failure."""
+    try:
+        server = start()
+    except servers.ServerUnavailable as e:
+        if os.environ.get("FEAST_ICEBERG_REQUIRE_SERVERS") == "1":
+            pytest.fail(f"{e} (and FEAST_ICEBERG_REQUIRE_SERVERS=1)", pytrace=False)
+        print(f"skipping: {e}")
+        pytest.skip(str(e))
+    request.addfinalizer(server.close)
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest) -> servers.PostgresServer:
+    return start_server(request, servers.start_postgres)
+
+
+@pytest.fixture(scope="session")
+def seaweed_server(request: pytest.FixtureRequest) -> servers.SeaweedServer:
+    return start_server(request, servers.start_seaweed)
+
+
+# The session's servers are shared by every test: each repo gets a namespace of its own.
+# Lowercase a-z0-9_ only: SeaweedFS's REST catalog refuses anything else.
+_namespaces = itertools.count()
+
+
+def fresh_namespace() -> str:
+    return f"{NAMESPACE}_{next(_namespaces)}"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A catalog + warehouse kind. `options(repo)` gives the online_store fields for a new
+    repo (on top of `repo_config`'s SQLite defaults)."""
+
+    name: str
+    options: Callable[[Path], dict[str, Any]]
+
+
 @pytest.fixture
-def make_env(tmp_path: Path) -> Callable[..., Env]:
+def backend(request: pytest.FixtureRequest) -> Backend:
+    name = getattr(request, "param", "sqlite")
+    if name == "sqlite":
+        return Backend(name, lambda repo: {})
+    if name == "postgres":
+        pg: servers.PostgresServer = request.getfixturevalue("postgres_server")
+        return Backend(
+            name,
+            lambda repo: {
+                **servers.postgres_online_store(pg),
+                "warehouse": str(repo / "data" / "warehouse"),
+                "namespace": fresh_namespace(),
+            },
+        )
+    if name == "rest-s3":
+        sw: servers.SeaweedServer = request.getfixturevalue("seaweed_server")
+        return Backend(
+            name,
+            lambda repo: {**servers.rest_s3_online_store(sw), "namespace": fresh_namespace()},
+        )
+    raise AssertionError(name)
+
+
+@pytest.fixture
+def make_env(tmp_path: Path, backend: Backend) -> Callable[..., Env]:
     def make(**online: Any) -> Env:
         repo = tmp_path / f"repo{len(list(tmp_path.iterdir()))}"
         (repo / "data").mkdir(parents=True)
-        return Env(repo, repo_config(repo, **online), IcebergOnlineStore())
+        options = {**backend.options(repo), **online}
+        return Env(repo, repo_config(repo, **options), IcebergOnlineStore(), options)
 
     return make
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import multiprocessing
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from conftest import (
     BASE_TS,
+    Backend,
     Env,
     driver_key,
     driver_row,
@@ -23,15 +26,19 @@ BATCHES = 20
 OWN_KEYS = 40
 SHARED_KEYS = range(100_000, 100_040)
 
+pytestmark = pytest.mark.backends
+
 
 def own_keys(writer: int) -> range:
     return range(writer * 1000, writer * 1000 + OWN_KEYS)
 
 
-def writer_process(repo: str, writer: int, start: multiprocessing.synchronize.Barrier) -> None:
+def writer_process(
+    repo: str, online: dict[str, Any], writer: int, start: multiprocessing.synchronize.Barrier
+) -> None:
     from feast_iceberg import IcebergOnlineStore
 
-    config = repo_config(Path(repo))
+    config = repo_config(Path(repo), **online)
     store = IcebergOnlineStore()
     view = driver_view()
     start.wait()
@@ -49,7 +56,8 @@ def test_four_writer_processes_lose_no_update(env: Env) -> None:
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(WRITERS)
     procs = [
-        ctx.Process(target=writer_process, args=(str(env.repo), w, start)) for w in range(WRITERS)
+        ctx.Process(target=writer_process, args=(str(env.repo), env.online, w, start))
+        for w in range(WRITERS)
     ]
     for p in procs:
         p.start()
@@ -88,7 +96,7 @@ def _child_reads(queue: multiprocessing.Queue) -> None:
 _FORKED: list = []
 
 
-def test_a_store_used_before_fork_works_in_the_child(make_env) -> None:
+def test_a_store_used_before_fork_works_in_the_child(make_env, backend: Backend) -> None:
     env = make_env(metadata_refresh_seconds=0)
     view = driver_view()
     env.apply(view)
@@ -104,3 +112,38 @@ def test_a_store_used_before_fork_works_in_the_child(make_env) -> None:
     assert queue.get(timeout=5) == expected_values(5, 2)["trips"]
     ((_, feats),) = env.read(view, [driver_key(6)])
     assert feats is not None and plain(feats["trips"]) == expected_values(6, 3)["trips"]
+
+
+def _child_uses_core(queue: multiprocessing.Queue) -> None:
+    store, config = _FORKED
+    from feast_iceberg.exceptions import ConfigError
+
+    try:
+        store._store(config).table_exists("anything")  # the parent's core, by hand
+        queue.put("used the parent's connections")
+    except ConfigError as e:
+        queue.put(str(e))
+
+
+def test_a_core_from_before_fork_refuses_to_run_in_the_child(make_env, backend: Backend) -> None:
+    env = make_env()
+    env.apply(driver_view())
+    core = env.store._store(env.config)
+
+    class Pinned:
+        """Hands the child the parent's core instead of building its own."""
+
+        def _store(self, _config: Any) -> Any:
+            return core
+
+    _FORKED[:] = [Pinned(), env.config]
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_uses_core, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0
+    assert "fork" in queue.get(timeout=5)
+    # The parent's connections are intact after the child exited and dropped its copy.
+    env.write(driver_view(), [driver_row(1, 1)])
+    assert env.read(driver_view(), [driver_key(1)])[0][1] is not None

@@ -3,6 +3,7 @@ iceberg extension each see exactly 10k rows with the newest values, and storage 
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,12 @@ KEYS = 10_000
 WRITES = 10
 
 
-def duckdb_with_iceberg() -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the iceberg extension loaded from its PyPI package (no download)."""
-    import duckdb_extension_avro
-    import duckdb_extension_iceberg
-
+def duckdb_with_iceberg(extra: tuple[str, ...] = ()) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the iceberg extension (and `extra` ones, e.g. httpfs) loaded
+    from their PyPI packages (no download)."""
     con = duckdb.connect()
-    for module, name in ((duckdb_extension_avro, "avro"), (duckdb_extension_iceberg, "iceberg")):
+    for name in ("avro", "iceberg", *extra):
+        module = importlib.import_module(f"duckdb_extension_{name}")
         path = Path(module.__file__).parent / "extensions" / f"v{duckdb.__version__}"
         con.execute(f"LOAD '{path / f'{name}.duckdb_extension'}'")
     return con

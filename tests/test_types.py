@@ -179,6 +179,7 @@ def feast_typed_view() -> FeatureView:
     )
 
 
+@pytest.mark.backends
 def test_feature_view_of_every_feast_type_round_trips_through_feast_interface(env: Env) -> None:
     view = feast_typed_view()
     assert len(view.features) >= 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta, timezone
 
+import pytest
 from conftest import (
     BASE_TS,
     DRIVER_FEATURES,
@@ -16,6 +17,8 @@ from conftest import (
     plain,
 )
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+pytestmark = pytest.mark.backends
 
 
 def values_of(result: tuple) -> dict | None:
@@ -164,12 +167,13 @@ def test_update_drops_and_teardown_removes_tables(env: Env) -> None:
     env.write(a, [driver_row(1, 1)])
     env.store.update(env.config, [a], [b], [], [], partial=False)
     catalog = env.catalog()
-    names = {t[1] for t in catalog.list_tables("feast_online")}
+    names = {t[1] for t in catalog.list_tables(env.namespace)}
     assert names == {"test_b_view_online"}
     env.store.teardown(env.config, [b], [])
-    assert catalog.list_tables("feast_online") == []
+    assert catalog.list_tables(env.namespace) == []
 
 
+@pytest.mark.backends("sqlite")
 def test_commits_stay_visible_when_python_sqlite_shares_the_process(env: Env) -> None:
     """PyIceberg and Feast open the SQLite catalog with Python's own sqlite3 library; closing
     those connections must not hide our later commits from other readers."""

@@ -126,3 +126,31 @@ class Store:
     def expire(self, table: str, dry_run: bool = False) -> dict[str, Any]:
         """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits).
         Returns snapshots_expired (on a dry run: how many would be)."""
+
+def check_arrow(
+    store: Store,
+    table: str,
+    schema: Any,
+    join_keys: list[tuple[str, str]],
+    features: list[tuple[str, str]],
+    event_ts: str,
+    created_ts: str | None = None,
+) -> str | None:
+    """Why an offline result of Arrow `schema` (any object with `__arrow_c_schema__`) cannot be
+    written natively to `table`, or None if it can. Column mappings are (table column, source
+    column) pairs. Reads no data and writes nothing."""
+
+def write_arrow(
+    store: Store,
+    table: str,
+    data: Any,
+    join_keys: list[tuple[str, str]],
+    features: list[tuple[str, str]],
+    event_ts: str,
+    created_ts: str | None = None,
+    chunk_rows: int = 1_000_000,
+) -> dict[str, Any]:
+    """Upsert every row of `data` (any object with `__arrow_c_stream__`: a pyarrow Table or
+    RecordBatchReader), converted in Rust with Feast's conversion rules, one atomic snapshot per
+    chunk of at most `chunk_rows` rows. Returns the write report summed over the chunks, plus
+    rows_read and chunks."""

@@ -1,6 +1,7 @@
 //! The Python module `feast_iceberg._internal`: the only code that knows about Python.
 //! Every call that may touch the catalog or storage runs with the GIL released.
 
+mod arrow;
 mod errors;
 
 use std::sync::Arc;
@@ -71,6 +72,33 @@ fn specs(cols: Vec<(String, i32)>) -> Vec<ColumnSpec> {
 struct PyStore {
     inner: Arc<Store>,
     shown: String,
+    /// The process that built it: its catalog connections are sockets of that process.
+    pid: u32,
+}
+
+impl PyStore {
+    /// The core, if this process built it. A child of `fork()` shares the parent's catalog
+    /// sockets; talking over them would garble the parent's conversation with its database.
+    pub(crate) fn core(&self) -> PyResult<&Arc<Store>> {
+        if self.pid == std::process::id() {
+            Ok(&self.inner)
+        } else {
+            Err(errors::to_py(crate::error::Error::config(
+                "this Store was created before a fork(); create a new one in the child \
+                 (IcebergOnlineStore does so by itself)",
+            )))
+        }
+    }
+}
+
+impl Drop for PyStore {
+    fn drop(&mut self) {
+        if self.pid != std::process::id() {
+            // Never close the parent's connections from a forked child: closing a pooled
+            // PostgreSQL connection sends Terminate over the socket both processes share.
+            std::mem::forget(Arc::clone(&self.inner));
+        }
+    }
 }
 
 #[pymethods]
@@ -80,7 +108,11 @@ impl PyStore {
         let config = StoreConfig::from_json(config_json).map_err(errors::to_py)?;
         let shown = format!("{config:?}");
         let inner = Arc::new(Store::new(config).map_err(errors::to_py)?);
-        Ok(Self { inner, shown })
+        Ok(Self {
+            inner,
+            shown,
+            pid: std::process::id(),
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -95,15 +127,15 @@ impl PyStore {
         features: Vec<(String, i32)>,
     ) -> PyResult<()> {
         let (join_keys, features) = (specs(join_keys), specs(features));
-        run(py, self.inner.ensure_table(&table, &join_keys, &features))
+        run(py, self.core()?.ensure_table(&table, &join_keys, &features))
     }
 
     fn drop_table(&self, py: Python<'_>, table: String) -> PyResult<bool> {
-        run(py, self.inner.drop_table(&table))
+        run(py, self.core()?.drop_table(&table))
     }
 
     fn table_exists(&self, py: Python<'_>, table: String) -> PyResult<bool> {
-        run(py, self.inner.table_exists(&table))
+        run(py, self.core()?.table_exists(&table))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -128,7 +160,7 @@ impl PyStore {
             event_ts: &event_ts_micros,
             created_ts: &created_ts_micros,
         };
-        let report = run(py, self.inner.write(&table, &input))?;
+        let report = run(py, self.core()?.write(&table, &input))?;
         write_report(py, &report)
     }
 
@@ -142,7 +174,7 @@ impl PyStore {
         all: bool,
         dry_run: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let report = run(py, self.inner.compact(&table, all, dry_run))?;
+        let report = run(py, self.core()?.compact(&table, all, dry_run))?;
         write_report(py, &report)
     }
 
@@ -157,7 +189,7 @@ impl PyStore {
     ) -> PyResult<Bound<'py, PyDict>> {
         let older_than = std::time::Duration::try_from_secs_f64(older_than_seconds)
             .map_err(|e| errors::to_py(crate::Error::config(format!("older_than: {e}"))))?;
-        let o = run(py, self.inner.remove_orphans(&table, older_than, dry_run))?;
+        let o = run(py, self.core()?.remove_orphans(&table, older_than, dry_run))?;
         let d = PyDict::new(py);
         d.set_item("files", o.paths.len())?;
         d.set_item("bytes", o.bytes)?;
@@ -180,7 +212,7 @@ impl PyStore {
         let (join_keys, features) = (specs(join_keys), specs(features));
         let r = run(
             py,
-            self.inner.migrate(&table, &join_keys, &features, dry_run),
+            self.core()?.migrate(&table, &join_keys, &features, dry_run),
         )?;
         let d = PyDict::new(py);
         d.set_item("already_migrated", r.already_migrated)?;
@@ -193,7 +225,7 @@ impl PyStore {
 
     /// Rows whose entity key another live row also has.
     fn duplicate_keys(&self, py: Python<'_>, table: String) -> PyResult<u64> {
-        run(py, self.inner.duplicate_keys(&table))
+        run(py, self.core()?.duplicate_keys(&table))
     }
 
     /// Point lookups; rows whose event timestamp (micros) is before `not_before` come back as
@@ -211,7 +243,7 @@ impl PyStore {
         drop(entity_keys);
         let slices = keys.slices();
         let read = self
-            .inner
+            .core()?
             .read(&table, &slices, features.as_deref(), not_before);
         let out = run(py, read)?;
         let rows = PyList::empty(py);
@@ -225,7 +257,7 @@ impl PyStore {
     }
 
     fn stats<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {
-        let s = run(py, self.inner.stats(&table))?;
+        let s = run(py, self.core()?.stats(&table))?;
         let d = PyDict::new(py);
         d.set_item("snapshot_id", s.snapshot_id)?;
         d.set_item("snapshots", s.snapshots)?;
@@ -244,7 +276,7 @@ impl PyStore {
     /// background), and the decoded bytes cached; `reset` zeroes the counters afterwards.
     #[pyo3(signature = (reset=false))]
     fn io_stats<'py>(&self, py: Python<'py>, reset: bool) -> PyResult<Bound<'py, PyDict>> {
-        let io = &self.inner.io;
+        let io = &self.core()?.io;
         let d = PyDict::new(py);
         for (name, counter) in [
             ("metadata", &io.metadata),
@@ -255,7 +287,7 @@ impl PyStore {
             d.set_item(format!("{name}_bytes"), bytes)?;
             d.set_item(format!("{name}_requests"), requests)?;
         }
-        d.set_item("cache_bytes", self.inner.files.bytes())?;
+        d.set_item("cache_bytes", self.core()?.files.bytes())?;
         if reset {
             io.reset();
         }
@@ -269,7 +301,7 @@ impl PyStore {
         table: String,
         dry_run: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let expired = run(py, self.inner.expire(&table, dry_run))?;
+        let expired = run(py, self.core()?.expire(&table, dry_run))?;
         let d = PyDict::new(py);
         d.set_item("snapshots_expired", expired)?;
         Ok(d)
@@ -313,5 +345,6 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<PyStore>()?;
     m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;
+    arrow::register(m)?;
     Ok(())
 }

@@ -29,6 +29,11 @@ fn is_s3(path: &str) -> bool {
         .any(|p| path.starts_with(p))
 }
 
+/// True for object storage, where a request costs more than reading a little extra.
+pub fn is_remote(path: &str) -> bool {
+    is_s3(path)
+}
+
 fn is_local(path: &str) -> bool {
     path.starts_with("file:/") || path.starts_with('/')
 }
