@@ -12,6 +12,7 @@ from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     BASE_TS,
     Env,
@@ -243,3 +244,23 @@ def test_a_push_and_a_materialization_in_two_processes_lose_no_update(env: Env) 
     model = dict.fromkeys(range(KEYS), MATERIALIZATIONS) | dict.fromkeys(PUSHED, 1000 + PUSHES - 1)
     check_all(env, view, model)
     check_engines(env, view, model)
+
+
+@pytest.mark.backends
+def test_pushes_on_every_catalog_and_storage(env: Env) -> None:
+    """Delete files go through the same FileIO and catalog commit as data files: SQL catalogs,
+    REST + S3."""
+    view = seeded(env)
+    model = dict.fromkeys(range(KEYS), 0)
+    for version in range(1, 12):
+        keys = [version, version + 1, 1000 + version]
+        env.write(view, [driver_row(i, version) for i in keys])
+        model |= dict.fromkeys(keys, version)
+    stats = env.stats(view)
+    assert stats["delete_files"] > 0 and stats["records"] == KEYS
+    check_all(env, view, model)
+    arrow = env.pyiceberg_table(view).scan(selected_fields=("driver_id", "trips")).to_arrow()
+    got = dict(
+        zip(arrow.column("driver_id").to_pylist(), arrow.column("trips").to_pylist(), strict=True)
+    )
+    assert got == {i: expected_values(i, v)["trips"] for i, v in model.items()}
