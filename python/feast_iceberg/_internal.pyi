@@ -72,7 +72,8 @@ class Store:
         `entity_keys[i]` is a serialized `EntityKey` proto; `values` is row-major: the serialized
         `Value` protos of row i are `values[i*len(feature_names):(i+1)*len(feature_names)]`.
         Returns a report: rows_written, rows_ignored_older, buckets, files_added, files_removed,
-        attempts, snapshot_id.
+        delete_files_added, merge_on_read_buckets (buckets written merge-on-read), attempts,
+        snapshot_id.
         """
 
     def read(
@@ -96,7 +97,8 @@ class Store:
         counters."""
 
     def stats(self, table: str) -> dict[str, Any]:
-        """Rows, files, bytes and snapshots of the current table state."""
+        """Rows, files, bytes and snapshots of the current table state. `records` counts live
+        rows (rows of data files minus `position_deletes`)."""
 
     def compact(self, table: str, all: bool = False, dry_run: bool = False) -> dict[str, Any]:
         """Rewrite buckets with several data files (every bucket with `all`) into one sorted
