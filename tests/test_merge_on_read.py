@@ -8,6 +8,10 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import random
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -264,3 +268,51 @@ def test_pushes_on_every_catalog_and_storage(env: Env) -> None:
         zip(arrow.column("driver_id").to_pylist(), arrow.column("trips").to_pylist(), strict=True)
     )
     assert got == {i: expected_values(i, v)["trips"] for i, v in model.items()}
+
+
+PUSH_WRITER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from conftest import driver_row, driver_view, repo_config
+from feast_iceberg import IcebergOnlineStore
+
+config, store, view = repo_config(Path({repo!r})), IcebergOnlineStore(), driver_view()
+for version in range(1, 100000):
+    store.online_write_batch(config, view, [driver_row(i, version) for i in (7, 8, 900)], None)
+    print(version, flush=True)
+"""
+
+
+def test_a_pusher_killed_mid_push_leaves_the_table_consistent(env: Env) -> None:
+    view = seeded(env)
+    script = PUSH_WRITER.format(tests=str(Path(__file__).parent), repo=str(env.repo))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None
+    for _ in range(5):  # a few pushes committed, the next in flight
+        assert writer.stdout.readline().strip(), writer.stderr.read() if writer.stderr else ""
+    time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+
+    from feast_iceberg import IcebergOnlineStore
+
+    fresh = Env(env.repo, repo_config(env.repo), IcebergOnlineStore())
+    # Each push committed all of its rows or none: the three keys share one version.
+    results = fresh.read(view, [driver_key(i) for i in (7, 8, 900)])
+    versions = {
+        plain(f["trips"]) - i * 1000 for i, (_, f) in zip((7, 8, 900), results, strict=True)
+    }
+    assert len(versions) == 1 and min(versions) >= 5, versions
+    model = dict.fromkeys(range(KEYS), 0) | dict.fromkeys((7, 8, 900), versions.pop())
+    check_all(fresh, view, model)
+    check_engines(fresh, view, model)
+    # What the killed push wrote is an orphan; removing orphans leaves exactly the live files.
+    store = fresh.store._store(fresh.config)
+    store.remove_orphans(table_name(fresh.config, view), 0.0, False)
+    stats = fresh.stats(view)
+    parquet = [p for p in fresh.warehouse_files() if p.suffix == ".parquet"]
+    assert len(parquet) == stats["data_files"] + stats["delete_files"]
+    check_all(fresh, view, model)
