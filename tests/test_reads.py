@@ -55,8 +55,10 @@ def test_other_python_threads_run_while_rust_reads(env: Env) -> None:
     stop.set()
     spinner.join()
     alone = _spin(0.3) / 0.3
-    # Holding the GIL through the reads would leave the spinner a sliver of the time.
-    assert turns / elapsed > 0.4 * alone, (turns / elapsed, alone, elapsed)
+    # Holding the GIL through the reads would leave the spinner a sliver of the time; released,
+    # it shares 2 cores with the runtime's threads (0.5-0.9x alone seen), and a loaded machine
+    # moves both figures, hence a threshold well between the two.
+    assert turns / elapsed > 0.25 * alone, (turns / elapsed, alone, elapsed)
 
 
 def _commit_in_child(repo: str) -> None:
