@@ -169,6 +169,7 @@ impl RestCatalog {
             auth,
             headers,
         };
+        // Asked while `base` is still unprefixed: /v1/config is the one route above the prefix.
         let server = catalog.server_config(&config.warehouse).await?;
         // Server overrides win over our settings, defaults lose to them (REST spec, /v1/config).
         let prefix = server
@@ -274,7 +275,7 @@ impl RestCatalog {
         }
     }
 
-    /// One request below `{uri}/v1/` (`path` without the prefix for /config), with a fresh
+    /// One request below `base` (`{uri}/v1/` until /v1/config has named a prefix), with a fresh
     /// token on a 401. Errors before the request was sent are `Catalog` errors; the caller
     /// decides what a failed send means for a commit.
     async fn send(
@@ -284,12 +285,7 @@ impl RestCatalog {
         body: Option<&Value>,
         what: &str,
     ) -> std::result::Result<(StatusCode, bytes::Bytes), SendFailure> {
-        let url = if path.starts_with("config") {
-            let root = self.base.split("/v1/").next().unwrap_or(&self.base);
-            format!("{root}/v1/{path}")
-        } else {
-            format!("{}{path}", self.base)
-        };
+        let url = format!("{}{path}", self.base);
         let mut refreshed = false;
         loop {
             let mut req = self.http.request(method.clone(), &url);

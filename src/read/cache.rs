@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use arrow_array::{Array, RecordBatch};
 use bytes::Bytes;
 use iceberg::io::FileIO;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 
 use super::deletes::{BucketDeletes, PositionDeletes, load_deletes};
 use super::{Version, align_to, keys_of, row_version};
@@ -72,6 +72,19 @@ impl FileData {
     }
 }
 
+/// A whole parquet file read in one request (counted in `io`), ready to decode in memory.
+pub async fn read_whole_parquet(
+    file_io: &FileIO,
+    path: &str,
+    io: &IoCounter,
+) -> Result<ParquetRecordBatchReader> {
+    let data: Bytes = file_io.new_input(path)?.read().await?;
+    io.add(data.len());
+    Ok(ParquetRecordBatchReaderBuilder::try_new(data)?
+        .with_batch_size(64 * 1024)
+        .build()?)
+}
+
 /// Reads and decodes a whole data file.
 pub async fn load_file(
     file_io: &FileIO,
@@ -79,13 +92,8 @@ pub async fn load_file(
     layout: &Layout,
     io: &IoCounter,
 ) -> Result<FileData> {
-    let data: Bytes = file_io.new_input(path)?.read().await?;
-    io.add(data.len());
-    let reader = ParquetRecordBatchReaderBuilder::try_new(data)?
-        .with_batch_size(64 * 1024)
-        .build()?;
     let mut parts = Vec::new();
-    for b in reader {
+    for b in read_whole_parquet(file_io, path, io).await? {
         parts.push(align_to(&b?, &layout.arrow)?);
     }
     let batch = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;

@@ -11,9 +11,7 @@ use std::sync::Arc;
 use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{Array, BooleanArray, RecordBatch};
-use bytes::Bytes;
 use iceberg::io::FileIO;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
 use crate::storage::IoCounter;
@@ -61,13 +59,8 @@ impl PositionDeletes {
 
 /// Reads and decodes a whole position-delete file.
 pub async fn load_deletes(file_io: &FileIO, path: &str, io: &IoCounter) -> Result<PositionDeletes> {
-    let data: Bytes = file_io.new_input(path)?.read().await?;
-    io.add(data.len());
-    let reader = ParquetRecordBatchReaderBuilder::try_new(data)?
-        .with_batch_size(64 * 1024)
-        .build()?;
     let mut pairs = Vec::new();
-    for batch in reader {
+    for batch in super::cache::read_whole_parquet(file_io, path, io).await? {
         let batch = batch?;
         let (Some(paths), Some(pos)) = (
             batch.column_by_name(DELETE_FILE_PATH),
