@@ -18,7 +18,7 @@ use crate::config::{CatalogType, StoreConfig};
 use crate::convert::{WriteInput, decode_entity_key, serialize_entity_key};
 use crate::error::{Error, Result};
 use crate::maintenance;
-use crate::read::{self, FileCache, ReadOutput};
+use crate::read::{self, DataFiles, ReadOutput};
 use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
 use crate::storage::{self, IoStats};
 use crate::table::{LiveFile, SnapshotFiles, TableState};
@@ -27,12 +27,14 @@ use crate::write::{self, Changes, PreparedCommit, WriteReport, delete_quietly};
 pub struct Store {
     pub(crate) config: StoreConfig,
     pub(crate) file_io: FileIO,
-    pub(crate) files: Arc<FileCache>,
+    pub(crate) files: Arc<DataFiles>,
     pub(crate) io: Arc<IoStats>,
     catalog: OnceCell<Arc<dyn Catalog>>,
     tables: Mutex<HashMap<TableId, Arc<TableState>>>,
     /// Files of snapshots we have read, by manifest-list path (unique per snapshot).
     snapshots: Mutex<HashMap<String, Arc<SnapshotFiles>>>,
+    /// Tables whose metadata is being revalidated in the background (one refresh at a time).
+    refreshing: Mutex<HashSet<TableId>>,
 }
 
 /// Whether a commit is now the table's current state.
@@ -67,7 +69,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Store {
     pub fn new(config: StoreConfig) -> Result<Self> {
         let file_io = storage::file_io(&config)?;
-        let files = Arc::new(FileCache::new(config.read_cache_bytes));
+        let files = Arc::new(DataFiles::new(config.read_cache_bytes));
         Ok(Self {
             config,
             file_io,
@@ -76,6 +78,7 @@ impl Store {
             catalog: OnceCell::new(),
             tables: Mutex::new(HashMap::new()),
             snapshots: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
         })
     }
 
@@ -102,8 +105,31 @@ impl Store {
         lock(&self.tables).get(id).cloned()
     }
 
+    /// Makes `state` the one reads use now. The new files' indexes and the row groups that
+    /// hold what was hot in the files they replace are loaded in the background.
     fn install(&self, state: Arc<TableState>) {
-        lock(&self.tables).insert(state.id.clone(), state);
+        let before = lock(&self.tables).insert(state.id.clone(), state.clone());
+        let Some(before) = before else { return };
+        if before.metadata_location == state.metadata_location {
+            return;
+        }
+        let plan = read::warm_plan(&self.files, &before, &state);
+        self.forget_replaced(&before, &state);
+        if !plan.is_empty() {
+            let (files, file_io, io) = (self.files.clone(), self.file_io.clone(), self.io.clone());
+            tokio::spawn(async move { read::warm(&files, &file_io, &io, &state, plan).await });
+        }
+    }
+
+    /// Drops what the read caches hold of files `before` had and `after` no longer has.
+    fn forget_replaced(&self, before: &TableState, after: &TableState) {
+        let live: HashSet<&str> = after.files.all_paths().collect();
+        let gone: HashSet<&str> = before
+            .files
+            .all_paths()
+            .filter(|p| !live.contains(p))
+            .collect();
+        self.files.forget(&gone);
     }
 
     /// The table as of at most `max_age` ago: served from cache while fresh, else one catalog
@@ -115,6 +141,71 @@ impl Store {
         {
             return Ok(s.clone());
         }
+        let state = self.reload(id, cached).await?;
+        self.install(state.clone());
+        Ok(state)
+    }
+
+    /// The table for a read. The freshness check never runs on the request path: a stale
+    /// cached state is served while a background task revalidates it, prepares the new files'
+    /// indexes and hot row groups, and only then swaps the new state in (warm swap). Only a
+    /// table never loaded, or `metadata_refresh_seconds = 0`, waits for the catalog.
+    async fn current_for_read(self: &Arc<Self>, id: &TableId) -> Result<Arc<TableState>> {
+        let refresh = self.config.metadata_refresh();
+        match self.cached(id) {
+            Some(s) if s.checked_at.elapsed() < refresh => Ok(s),
+            Some(s) if !refresh.is_zero() => {
+                self.refresh_in_background(id);
+                Ok(s)
+            }
+            _ => self.current(id, refresh).await,
+        }
+    }
+
+    fn refresh_in_background(self: &Arc<Self>, id: &TableId) {
+        if !lock(&self.refreshing).insert(id.clone()) {
+            return;
+        }
+        let (store, id) = (self.clone(), id.clone());
+        tokio::spawn(async move {
+            // Errors are the next synchronous load's to report; the old state keeps serving.
+            let _ = store.refresh_warm(&id).await;
+            lock(&store.refreshing).remove(&id);
+        });
+    }
+
+    async fn refresh_warm(&self, id: &TableId) -> Result<()> {
+        let before = self.cached(id);
+        let after = self.reload(id, before.clone()).await?;
+        if let Some(before) = &before
+            && before.metadata_location != after.metadata_location
+        {
+            let plan = read::warm_plan(&self.files, before, &after);
+            read::warm(&self.files, &self.file_io, &self.io, &after, plan).await;
+        }
+        let mut tables = lock(&self.tables);
+        // Install unless another load (our own commit, say) installed something meanwhile.
+        let unchanged = match (tables.get(id), &before) {
+            (Some(now), Some(b)) => Arc::ptr_eq(now, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            tables.insert(id.clone(), after.clone());
+            drop(tables);
+            if let Some(before) = &before {
+                self.forget_replaced(before, &after);
+            }
+        }
+        Ok(())
+    }
+
+    /// The table as the catalog names it now, reusing what `cached` already holds.
+    async fn reload(
+        &self,
+        id: &TableId,
+        cached: Option<Arc<TableState>>,
+    ) -> Result<Arc<TableState>> {
         let Some(loaded) = self.catalog().await?.load(id).await? else {
             self.forget(id);
             return Err(Error::TableNotFound(id.to_string()));
@@ -143,7 +234,6 @@ impl Store {
             (_, None) => Arc::new(self.load_state(id, loaded.location).await?),
         };
         self.remember_snapshot(&state);
-        self.install(state.clone());
         Ok(state)
     }
 
@@ -267,16 +357,8 @@ impl Store {
         expired: &[i64],
         replaced: &[Arc<LiveFile>],
     ) {
-        self.files.retain_paths(
-            &after
-                .files
-                .data
-                .iter()
-                .chain(&after.files.deletes)
-                .map(|f| f.path())
-                .collect(),
-        );
         let _ = replaced;
+        self.forget_replaced(before, after);
         if !expired.is_empty() {
             let mut doomed: HashSet<String> = HashSet::new();
             for id in expired {
@@ -541,7 +623,7 @@ impl Store {
     /// in-flight work is dropped (reads have no side effects besides filling caches). Rows
     /// with an event timestamp before `not_before` (micros) are returned as absent.
     pub async fn read(
-        &self,
+        self: &Arc<Self>,
         table: &str,
         entity_keys: &[&[u8]],
         features: Option<&[String]>,
@@ -569,7 +651,7 @@ impl Store {
     }
 
     async fn read_unbounded(
-        &self,
+        self: &Arc<Self>,
         table: &str,
         entity_keys: &[&[u8]],
         features: Option<&[String]>,
@@ -581,8 +663,7 @@ impl Store {
             keys.append_value(serialize_entity_key(&decode_entity_key(k)?)?);
         }
         let keys = keys.finish();
-        let refresh = self.config.metadata_refresh();
-        let state = self.current(&id, refresh).await?;
+        let state = self.current_for_read(&id).await?;
         let keys = &keys;
         let lookup = |state: Arc<TableState>| async move {
             let (files, file_io, io) = (&self.files, &self.file_io, &self.io);

@@ -168,6 +168,11 @@ impl SnapshotFiles {
         self.data.iter().map(|f| f.entry.record_count()).sum()
     }
 
+    /// Paths of every live data and position-delete file.
+    pub fn all_paths(&self) -> impl Iterator<Item = &str> {
+        self.data.iter().chain(&self.deletes).map(|f| f.path())
+    }
+
     pub fn total_bytes(&self) -> u64 {
         self.data.iter().map(|f| f.entry.file_size_in_bytes()).sum()
     }

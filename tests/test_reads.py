@@ -124,19 +124,8 @@ def test_a_tiny_read_cache_still_answers_correctly(make_env: Callable[..., Env])
         assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in range(500)]
 
 
-def _wait_for_prefetch(store, timeout: float = 10.0) -> dict:
-    """The background load of probed files into the cache finishes on the runtime's threads."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = store.io_stats()
-        if stats["cache_bytes"] > 0:
-            return stats
-        time.sleep(0.01)
-    raise AssertionError(f"background load did not finish: {store.io_stats()}")
-
-
-def test_a_cold_read_reads_only_the_pages_it_needs(make_env: Callable[..., Env]) -> None:
-    # One bucket, 20k rows: one data file of 2 row groups and ~20 pages per column.
+def test_a_cold_read_reads_one_row_group(make_env: Callable[..., Env]) -> None:
+    # One bucket, 20k rows: one data file of 40 row groups of 512 rows.
     writer = make_env(partition_count=1)
     view = driver_view()
     writer.apply(view)
@@ -148,20 +137,54 @@ def test_a_cold_read_reads_only_the_pages_it_needs(make_env: Callable[..., Env])
     store = reader.store._store(reader.config)
     assert trips(reader.read(view, [driver_key(12_345)])[0]) == expected_values(12_345, 1)["trips"]
     cold = store.io_stats(reset=True)
-    # Footer, page index, bloom filter and one page per column: a small part of the file.
-    assert 0 < cold["data_bytes"] < file_size / 3, (cold, file_size)
+    # The footer (the file's key index) and one row group: one request each, under 64 KiB.
+    assert cold["data_requests"] == 2, cold
+    footer = int.from_bytes(data_file.read_bytes()[-8:-4], "little")
+    assert footer < file_size / 4, (footer, file_size)
+    assert 0 < cold["data_bytes"] <= footer + 8 + 24 * 1024, (cold, footer)
+    assert cold["data_bytes"] < file_size / 2, (cold, file_size)
     assert cold["metadata_requests"] == 3  # metadata.json, manifest list, manifest
+    assert cold["index_files"] == 1 and cold["index_rows"] == 20_000, cold
+    assert cold["cache_entries"] == 1 and cold["cache_misses"] == 1, cold
 
-    # Meanwhile the whole file was loaded into the cache: later reads touch no storage.
-    _wait_for_prefetch(store)
-    store.io_stats(reset=True)
-    keys = [driver_key(i) for i in range(0, 20_000, 97)]
-    results = reader.read(view, keys)
-    assert [trips(r) for r in results] == [
-        expected_values(i, 1)["trips"] for i in range(0, 20_000, 97)
-    ]
-    warm = store.io_stats()
-    assert warm["data_bytes"] == 0 and warm["metadata_bytes"] == 0, warm
+    # The same key again is a cache hit: no storage at all.
+    reader.read(view, [driver_key(12_345)])
+    again = store.io_stats(reset=True)
+    assert again["data_bytes"] == 0 and again["metadata_bytes"] == 0, again
+    assert again["cache_hits"] == 1, again
+
+    # Keys spread over the file: at most one read per row group (40), the footer not again.
+    wanted = list(range(0, 20_000, 97))
+    results = reader.read(view, [driver_key(i) for i in wanted])
+    assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in wanted]
+    spread = store.io_stats(reset=True)
+    assert 0 < spread["data_requests"] <= 40, spread
+    assert spread["data_bytes"] < file_size - footer, (spread, file_size)
+    assert 30 < spread["cache_entries"] <= 40, spread
+    reader.read(view, [driver_key(i) for i in wanted])
+    assert store.io_stats()["data_bytes"] == 0
+
+
+def test_reads_past_the_cache_budget_stay_exact(make_env: Callable[..., Env]) -> None:
+    # A budget of a few row groups against 40 of them: almost every read is a miss.
+    writer = make_env(partition_count=2)
+    view = driver_view()
+    writer.apply(view)
+    writer.write(view, [driver_row(i, 1) for i in range(20_000)])
+    writer.write(view, [driver_row(i, 2) for i in range(0, 20_000, 3)])  # merge-on-read
+    online = {**writer.online, "read_cache_bytes": 200_000}
+    reader = Env(writer.repo, repo_config(writer.repo, **online), type(writer.store)(), online)
+    store = reader.store._store(reader.config)
+    for start in range(0, 20_000, 1_000):
+        ids = list(range(start, start + 1_000, 7))
+        results = reader.read(view, [driver_key(i) for i in ids])
+        assert [trips(r) for r in results] == [
+            expected_values(i, 2 if i % 3 == 0 else 1)["trips"] for i in ids
+        ]
+    stats = store.io_stats()
+    # Each of the 16 shards holds at most its share, or its one newest row group.
+    assert stats["cache_entries"] <= 16, stats
+    assert stats["cache_evictions"] > 0 and stats["cache_misses"] > 100, stats
 
 
 def test_a_cold_read_of_a_missing_key_reads_little(make_env: Callable[..., Env]) -> None:

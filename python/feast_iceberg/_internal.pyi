@@ -92,8 +92,10 @@ class Store:
 
     def io_stats(self, reset: bool = False) -> dict[str, int]:
         """Bytes and requests read so far: `metadata_*` (metadata.json, manifest lists,
-        manifests), `data_*` (data read to answer requests), `prefetch_*` (files loaded into the
-        cache in the background); and `cache_bytes`, the decoded data held. `reset` zeroes the
+        manifests), `data_*` (data read to answer requests), `prefetch_*` (indexes and row groups
+        loaded in the background when a new snapshot is swapped in); the block cache's
+        `cache_bytes`, `cache_entries`, `cache_hits`, `cache_misses`, `cache_evictions`; and the
+        key indexes' `index_files`, `index_bytes`, `index_rows`. `reset` zeroes the I/O
         counters."""
 
     def stats(self, table: str) -> dict[str, Any]:

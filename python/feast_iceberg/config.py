@@ -81,8 +81,10 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     reads, as in Feast's own online stores."""
 
     read_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
-    """Memory budget of decoded data files kept for point reads (least recently loaded evicted
-    first; one file is always kept). Size it to the online data for the fastest reads."""
+    """Memory budget of the block cache: decoded row groups (512 rows each) kept for point reads,
+    least recently used evicted first. A miss reads and decodes one row group, so a budget far
+    below the table's size still serves reads in milliseconds; the per-file key indexes (a few
+    bytes per key) are kept outside this budget."""
 
     merge_on_read_max_fraction: float = Field(default=0.1, ge=0, le=1)
     """A write whose rows for a bucket are at most this fraction of the bucket's live rows is

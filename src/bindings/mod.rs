@@ -287,7 +287,15 @@ impl PyStore {
             d.set_item(format!("{name}_bytes"), bytes)?;
             d.set_item(format!("{name}_requests"), requests)?;
         }
-        d.set_item("cache_bytes", self.core()?.files.bytes())?;
+        let files = self.core()?.files.stats();
+        d.set_item("cache_bytes", files.blocks.bytes)?;
+        d.set_item("cache_entries", files.blocks.entries)?;
+        d.set_item("cache_hits", files.blocks.hits)?;
+        d.set_item("cache_misses", files.blocks.misses)?;
+        d.set_item("cache_evictions", files.blocks.evictions)?;
+        d.set_item("index_files", files.index_files)?;
+        d.set_item("index_bytes", files.index_bytes)?;
+        d.set_item("index_rows", files.index_rows)?;
         if reset {
             io.reset();
         }

@@ -60,7 +60,7 @@ impl PositionDeletes {
 /// Reads and decodes a whole position-delete file.
 pub async fn load_deletes(file_io: &FileIO, path: &str, io: &IoCounter) -> Result<PositionDeletes> {
     let mut pairs = Vec::new();
-    for batch in super::cache::read_whole_parquet(file_io, path, io).await? {
+    for batch in super::files::read_whole_parquet(file_io, path, io).await? {
         let batch = batch?;
         let (Some(paths), Some(pos)) = (
             batch.column_by_name(DELETE_FILE_PATH),

@@ -1,16 +1,18 @@
 //! The read path: hashed point lookups over immutable data files.
 //!
 //! A lookup hashes each key to its bucket and consults only that bucket's files, keeping the
-//! newest row (robust to tables that hold duplicates, e.g. written by the contrib store). A
-//! cached file answers from memory (`cache`); a file that is not cached yet is probed for just
-//! the requested keys (`probe`) while the whole file is loaded into the cache in the
-//! background, so the first read is cheap and the following ones are served from memory.
+//! newest row (robust to tables that hold duplicates, e.g. written by the contrib store). In
+//! each file the key index names the one row group that may hold the key; the row group comes
+//! from the block cache or from one ranged read (`files`). So a read costs the keys asked
+//! for, whether or not the table fits in memory.
 //! Position deletes (merge-on-read writes) are folded in: a deleted row is invisible, so of a
 //! key's rows in several files of its bucket only the live one answers.
 
 mod cache;
 mod deletes;
-mod probe;
+mod files;
+mod index;
+mod warm;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,11 +25,14 @@ use iceberg::io::FileIO;
 use iceberg::spec::Transform;
 use iceberg::transform::create_transform_function;
 
-pub use cache::{FileCache, FileData};
+pub use cache::CacheStats;
 pub use deletes::{
     BucketDeletes, DELETE_FILE_PATH, DELETE_FILE_PATH_ID, DELETE_POS, DELETE_POS_ID,
     PositionDeletes,
 };
+pub use files::{DataFiles, Fill, Hit, load_whole_file, read_whole_parquet};
+pub use index::FileIndex;
+pub use warm::{WarmPlan, warm, warm_plan};
 
 use crate::convert::cell_to_value;
 use crate::error::{Error, Result};
@@ -110,31 +115,12 @@ fn requested<'a>(layout: &'a Layout, features: Option<&[String]>) -> Vec<&'a Col
     }
 }
 
-/// The rows of one file a lookup needs: the cached file, or a probe for `keys` while the file
-/// is loaded in the background.
-pub(crate) async fn rows_of(
-    file: &Arc<LiveFile>,
-    keys: &[&[u8]],
-    cache: &Arc<FileCache>,
-    file_io: &FileIO,
-    layout: &Arc<Layout>,
-    io: &Arc<IoStats>,
-) -> Result<Arc<FileData>> {
-    if let Some(hit) = cache.cached(file.path(), layout.schema.schema_id()) {
-        return Ok(hit);
-    }
-    cache.warm_in_background(file_io, file, layout, io);
-    Ok(Arc::new(
-        probe::probe(file_io, file, layout, keys, io).await?,
-    ))
-}
-
 /// Looks up each key's newest row. A row whose event timestamp is before `not_before` (micros;
 /// the feature view's TTL cut) counts as absent and is never encoded: an expired older row
 /// cannot stand in for it, since it is older still.
 pub async fn lookup(
     state: &TableState,
-    cache: &Arc<FileCache>,
+    files: &DataFiles,
     file_io: &FileIO,
     io: &Arc<IoStats>,
     serialized_keys: &LargeBinaryArray,
@@ -161,24 +147,27 @@ pub async fn lookup(
     let mut touched: Vec<i32> = bucket_of_key.clone();
     touched.sort_unstable();
     touched.dedup();
-    let (loaded, deletes) =
+    let (found, deletes) =
         futures::future::try_join(
             futures::future::try_join_all(
                 needed
                     .iter()
-                    .map(|(f, keys)| rows_of(f, keys, cache, file_io, layout, io)),
+                    .map(|(f, keys)| files.find(file_io, f, keys, layout, io, Fill::Cache)),
             ),
             futures::future::try_join_all(touched.iter().map(|b| {
-                cache.bucket_deletes(file_io, state.files.deletes_for_bucket(*b), &io.data)
+                files.bucket_deletes(file_io, state.files.deletes_for_bucket(*b), &io.data)
             })),
         )
         .await?;
     let deletes: HashMap<i32, BucketDeletes> = touched.into_iter().zip(deletes).collect();
-    let by_path: HashMap<&str, &Arc<FileData>> = needed
-        .iter()
-        .map(|(f, _)| f.path())
-        .zip(loaded.iter())
-        .collect();
+    let mut hits: HashMap<(&str, &[u8]), Hit> = HashMap::new();
+    for ((f, keys), found) in needed.iter().zip(found) {
+        for (key, hit) in keys.iter().zip(found) {
+            if let Some(hit) = hit {
+                hits.insert((f.path(), *key), hit);
+            }
+        }
+    }
 
     let columns = requested(layout, features);
     let mut out = ReadOutput {
@@ -188,27 +177,25 @@ pub async fn lookup(
     };
     for (i, bucket) in bucket_of_key.iter().enumerate() {
         let key = serialized_keys.value(i);
-        let mut best: Option<(&Arc<FileData>, u32, Version)> = None;
+        let mut best: Option<&Hit> = None;
         let bucket_deletes = &deletes[bucket];
         for f in state.files.files_for_bucket(*bucket) {
-            let data = by_path[f.path()];
-            if let Some(&row) = data.index.get(key) {
-                if bucket_deletes.is_deleted(f, data.position(row)) {
-                    continue;
-                }
-                let v = data.version(row, layout);
-                if best.as_ref().is_none_or(|(_, _, bv)| v >= *bv) {
-                    best = Some((data, row, v));
-                }
+            let Some(hit) = hits.get(&(f.path(), key)) else {
+                continue;
+            };
+            if bucket_deletes.is_deleted(f, hit.position()) {
+                continue;
+            }
+            if best.is_none_or(|b| hit.version >= b.version) {
+                best = Some(hit);
             }
         }
         match best {
-            Some((data, row, (ev, _))) if not_before.is_none_or(|cut| ev >= cut) => {
-                let row = row as usize;
-                out.event_ts.push(Some(ev));
+            Some(hit) if not_before.is_none_or(|cut| hit.version.0 >= cut) => {
+                out.event_ts.push(Some(hit.version.0));
                 let mut encoded = Vec::with_capacity(16 * columns.len());
                 for c in &columns {
-                    let value = cell_to_value(c.kind, data.batch.column(c.index), row);
+                    let value = cell_to_value(c.kind, hit.block.batch.column(c.index), hit.row);
                     proto::push_repeated_value_item(&mut encoded, &value);
                 }
                 out.rows.push(Some(encoded));

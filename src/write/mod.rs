@@ -5,7 +5,7 @@ mod deletes;
 mod overwrite;
 mod plan;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,16 +30,18 @@ pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 
 use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
-use crate::read::{BucketDeletes, FileCache, keys_of, rows_of};
+use crate::read::{BucketDeletes, DataFiles, Fill, keys_of, load_whole_file};
 use crate::schema::ENTITY_KEY;
 use crate::storage::IoStats;
 use crate::store::Landed;
 use crate::store::Store;
 use crate::table::{LiveFile, TableState};
 
-/// Rows per row group and per page: small enough that a point read decodes little.
-const ROW_GROUP_ROWS: usize = 16 * 1024;
-const PAGE_ROWS: usize = 1024;
+/// Rows per row group (one page per column): a point read that misses the cache fetches and
+/// decodes one row group, so it is sized to stay under 64 KiB for a typical feature row
+/// (10 features: ~100 bytes a row compressed), one contiguous range of the file: one ranged GET
+/// on object storage. Row-group statistics of `entity_key` are the per-file key index.
+pub const ROW_GROUP_ROWS: usize = 512;
 
 /// Parquet settings of every data file we write (mirrored in the table's `write.parquet.*`
 /// properties so other writers follow them).
@@ -50,12 +52,14 @@ pub fn writer_properties() -> WriterProperties {
         // before any data page: for unique keys and timestamps that is most of the column, so
         // a point read of one page would fetch the whole dictionary too. zstd still compresses.
         .set_dictionary_enabled(false)
-        .set_statistics_enabled(EnabledStatistics::Page)
+        // A row group is one page per column: a page index would only repeat the row-group
+        // statistics in the footer.
+        .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
-        .set_data_page_row_count_limit(PAGE_ROWS)
+        .set_data_page_row_count_limit(ROW_GROUP_ROWS)
         .set_column_bloom_filter_enabled(ColumnPath::from(ENTITY_KEY), true)
         // For other engines' point lookups. Sized for one row group's keys (the default
-        // assumes a million: 1 MiB of filter per row group); 16 KiB at 5% false positives.
+        // assumes a million: 1 MiB of filter per row group); 512 bytes at 5% false positives.
         .set_column_bloom_filter_ndv(ColumnPath::from(ENTITY_KEY), ROW_GROUP_ROWS as u64)
         .set_column_bloom_filter_fpp(ColumnPath::from(ENTITY_KEY), 0.05)
         .build()
@@ -117,7 +121,7 @@ async fn write_bucket(
 #[derive(Clone)]
 struct StoreIo {
     file_io: FileIO,
-    cache: Arc<FileCache>,
+    cache: Arc<DataFiles>,
     stats: Arc<IoStats>,
     policy: MorPolicy,
 }
@@ -141,8 +145,8 @@ fn own_deletes(bucket: i32, delete_files: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>
 }
 
 /// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
-/// stored rows they replace. The stored rows are found like a read finds them (cached index,
-/// or a page-level probe of a cold file), deletes applied. With `merge_small_files`
+/// stored rows they replace. The stored rows are found like a read finds them (key index,
+/// then the row group; not left in the cache), deletes applied. With `merge_small_files`
 /// the small files are folded in too (`merge_small`).
 async fn merge_on_read(
     io: &StoreIo,
@@ -162,26 +166,27 @@ async fn merge_on_read(
     let layout = &state.layout;
     let keys = keys_of(incoming, layout)?;
     let wanted: Vec<&[u8]> = rows.iter().map(|&r| keys.value(r)).collect();
-    let loaded = futures::future::try_join_all(
-        files
-            .iter()
-            .map(|f| rows_of(f, &wanted, &io.cache, &io.file_io, layout, &io.stats)),
-    )
+    let found = futures::future::try_join_all(files.iter().map(|f| {
+        io.cache
+            .find(&io.file_io, f, &wanted, layout, &io.stats, Fill::Bypass)
+    }))
     .await?;
-    let plan = plan_merge_on_read(incoming, rows, layout, |key| {
-        files
-            .iter()
-            .zip(&loaded)
-            .filter_map(|(f, data)| {
-                let &row = data.index.get(key)?;
-                let pos = data.position(row);
-                (!deletes.is_deleted(f, pos)).then(|| StoredRow {
-                    version: data.version(row, layout),
+    let mut stored: HashMap<&[u8], Vec<StoredRow>> = HashMap::new();
+    for (f, hits) in files.iter().zip(found) {
+        for (key, hit) in wanted.iter().zip(hits) {
+            let Some(hit) = hit else { continue };
+            let pos = hit.position();
+            if !deletes.is_deleted(f, pos) {
+                stored.entry(*key).or_default().push(StoredRow {
+                    version: hit.version,
                     path: f.path().to_string(),
                     pos,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+    }
+    let plan = plan_merge_on_read(incoming, rows, layout, |key| {
+        stored.remove(key).unwrap_or_default()
     })?;
     let mut out = BucketRewrite {
         stats: plan.stats,
@@ -250,8 +255,8 @@ async fn merge_small(
     };
     let mut parts = Vec::with_capacity(small.len());
     for f in &small {
-        let data = io.cache.get(&io.file_io, f, layout, &io.stats).await?;
-        let mut live = vec![true; data.batch.num_rows()];
+        let batch = load_whole_file(&io.file_io, f.path(), layout, &io.stats.data).await?;
+        let mut live = vec![true; batch.num_rows()];
         for p in deletes
             .deleted_positions(f)
             .into_iter()
@@ -262,10 +267,7 @@ async fn merge_small(
             }
         }
         let mask = arrow_array::BooleanArray::from(live);
-        parts.push(arrow_select::filter::filter_record_batch(
-            &data.batch,
-            &mask,
-        )?);
+        parts.push(arrow_select::filter::filter_record_batch(&batch, &mask)?);
     }
     let kept = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
     // The kept rows and the winners hold different keys (a winner's stored row is in
@@ -342,8 +344,8 @@ async fn rewrite_bucket(
     // replaces the bucket's data files and drops its delete files.
     let mut parts = Vec::with_capacity(files.len());
     for f in &files {
-        let data = io.cache.get(&io.file_io, f, layout, &io.stats).await?;
-        parts.push(deletes.apply(f, &data.batch)?);
+        let batch = load_whole_file(&io.file_io, f.path(), layout, &io.stats.data).await?;
+        parts.push(deletes.apply(f, &batch)?);
     }
     let existing = match parts.len() {
         0 => None,

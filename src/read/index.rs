@@ -1,0 +1,185 @@
+//! The per-file key index: which row group of a data file may hold a key, where that row
+//! group's bytes lie, and the footer needed to decode it. RocksDB's index block, for Parquet.
+//!
+//! It is derived from the file's own footer (row-group statistics of `entity_key`), so it is
+//! exactly as immutable as the file and never needs writing anywhere: the table stays plain
+//! Iceberg. Our writer keeps row groups small (`write::ROW_GROUP_ROWS`) and sorted by key, so
+//! a key maps to one row group, and one row group is one contiguous byte range: a miss costs
+//! one ranged read and the decode of one row group, never the whole file.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::statistics::Statistics;
+
+use super::files::CountingReader;
+use crate::error::{Error, Result};
+use crate::schema::ENTITY_KEY;
+
+/// The smallest and largest key of a row group, inclusive.
+pub type KeyRange = (Box<[u8]>, Box<[u8]>);
+
+/// What the footer says of one row group.
+#[derive(Debug)]
+pub struct RowGroupEntry {
+    /// `entity_key` range; None when the writer kept no statistics (every key may be here).
+    pub keys: Option<KeyRange>,
+    /// Position of the row group's first row in the file (position deletes count from it).
+    pub first_row: u64,
+    pub rows: usize,
+    /// All column chunks of the row group, as one byte range of the file.
+    pub bytes: Range<u64>,
+}
+
+/// The key index of one data file.
+#[derive(Debug)]
+pub struct FileIndex {
+    pub path: Arc<str>,
+    pub row_groups: Vec<RowGroupEntry>,
+    /// Row groups ordered by key with disjoint ranges (our writer's files): a key is found by
+    /// binary search. Otherwise every row group whose range covers the key is a candidate.
+    sorted: bool,
+    /// The footer (without page indexes), to decode row groups without reading it again.
+    pub reader_metadata: ArrowReaderMetadata,
+    /// Memory this index holds.
+    pub bytes: usize,
+}
+
+fn key_range(meta: &ParquetMetaData, rg: usize, column: usize) -> Option<KeyRange> {
+    match meta.row_group(rg).column(column).statistics() {
+        Some(Statistics::ByteArray(s)) => s
+            .min_bytes_opt()
+            .zip(s.max_bytes_opt())
+            .map(|(lo, hi)| (lo.into(), hi.into())),
+        _ => None,
+    }
+}
+
+/// The byte range that holds every column chunk of row group `rg`.
+fn row_group_bytes(meta: &ParquetMetaData, rg: usize, path: &str) -> Result<Range<u64>> {
+    let mut range: Option<Range<u64>> = None;
+    for c in meta.row_group(rg).columns() {
+        let start = c.dictionary_page_offset().unwrap_or(c.data_page_offset());
+        let (Ok(start), Ok(len)) = (u64::try_from(start), u64::try_from(c.compressed_size()))
+        else {
+            return Err(Error::corrupt(
+                path,
+                "negative column chunk offset in footer",
+            ));
+        };
+        let end = start.saturating_add(len);
+        range = Some(match range {
+            Some(r) => r.start.min(start)..r.end.max(end),
+            None => start..end,
+        });
+    }
+    range.ok_or_else(|| Error::corrupt(path, "row group without columns"))
+}
+
+impl FileIndex {
+    /// Reads the footer of `path` (`size` bytes, `rows` rows as its manifest entry says) and
+    /// indexes its row groups.
+    pub async fn load(
+        mut reader: CountingReader,
+        path: &str,
+        size: u64,
+        rows: u64,
+    ) -> Result<Self> {
+        // Our footers take ~1 KiB per row group (13 columns): guess from the row count so the
+        // footer is one read, without reading far past it.
+        let row_groups = rows.div_ceil(crate::write::ROW_GROUP_ROWS as u64);
+        let hint = row_groups.saturating_mul(1100).saturating_add(8 * 1024);
+        let meta = ParquetMetaDataReader::new()
+            .with_prefetch_hint(Some(usize::try_from(hint).unwrap_or(usize::MAX)))
+            .with_page_index_policy(PageIndexPolicy::Skip)
+            .load_and_finish(&mut reader, size)
+            .await?;
+        Self::new(path, Arc::new(meta))
+    }
+
+    pub fn new(path: &str, meta: Arc<ParquetMetaData>) -> Result<Self> {
+        let column = meta
+            .file_metadata()
+            .schema_descr()
+            .columns()
+            .iter()
+            .position(|c| c.path().string() == ENTITY_KEY)
+            .ok_or_else(|| Error::corrupt(path, "data file has no entity_key column"))?;
+        let mut row_groups = Vec::with_capacity(meta.num_row_groups());
+        let mut first_row = 0u64;
+        for rg in 0..meta.num_row_groups() {
+            let rows = usize::try_from(meta.row_group(rg).num_rows())
+                .map_err(|_| Error::corrupt(path, "negative row count in footer"))?;
+            row_groups.push(RowGroupEntry {
+                keys: key_range(&meta, rg, column),
+                first_row,
+                rows,
+                bytes: row_group_bytes(&meta, rg, path)?,
+            });
+            first_row += rows as u64;
+        }
+        let sorted = row_groups.iter().all(|g| g.keys.is_some())
+            && row_groups
+                .windows(2)
+                .all(|w| match (&w[0].keys, &w[1].keys) {
+                    (Some((_, hi)), Some((lo, _))) => hi < lo,
+                    _ => false,
+                });
+        let keys_bytes: usize = row_groups
+            .iter()
+            .map(|g| {
+                std::mem::size_of::<RowGroupEntry>()
+                    + g.keys.as_ref().map_or(0, |(lo, hi)| lo.len() + hi.len())
+            })
+            .sum();
+        let bytes = meta.memory_size() + keys_bytes;
+        let reader_metadata = ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())?;
+        Ok(Self {
+            path: Arc::from(path),
+            row_groups,
+            sorted,
+            reader_metadata,
+            bytes,
+        })
+    }
+
+    /// Row groups that may hold `key`.
+    pub fn candidates(&self, key: &[u8]) -> Vec<usize> {
+        let covers = |g: &RowGroupEntry| {
+            g.keys
+                .as_ref()
+                .is_none_or(|(lo, hi)| key >= &lo[..] && key <= &hi[..])
+        };
+        if self.sorted {
+            // The last row group starting at or before the key is the only candidate.
+            let after = self
+                .row_groups
+                .partition_point(|g| g.keys.as_ref().is_some_and(|(lo, _)| &lo[..] <= key));
+            return match after.checked_sub(1) {
+                Some(i) if covers(&self.row_groups[i]) => vec![i],
+                _ => Vec::new(),
+            };
+        }
+        (0..self.row_groups.len())
+            .filter(|&i| covers(&self.row_groups[i]))
+            .collect()
+    }
+
+    /// Row groups whose key range meets `[lo, hi]` (those without statistics always do).
+    pub fn overlapping(&self, lo: &[u8], hi: &[u8]) -> Vec<usize> {
+        (0..self.row_groups.len())
+            .filter(|&i| {
+                self.row_groups[i]
+                    .keys
+                    .as_ref()
+                    .is_none_or(|(a, b)| &a[..] <= hi && &b[..] >= lo)
+            })
+            .collect()
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.row_groups.iter().map(|g| g.rows as u64).sum()
+    }
+}

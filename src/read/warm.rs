@@ -1,0 +1,97 @@
+//! Warm swap: before a new table state serves reads, its new files' key indexes are loaded,
+//! and so are the row groups that hold the keys that were hot in the files they replace.
+//! A materialization that rewrites every bucket then costs readers no cold misses on the
+//! keys they were asking for.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use iceberg::io::FileIO;
+
+use super::files::{DataFiles, Fill};
+use super::index::KeyRange;
+use crate::storage::IoStats;
+use crate::table::{LiveFile, TableState};
+
+/// Key ranges of cached row groups.
+type KeyRanges = Vec<KeyRange>;
+
+/// The new files of a state, each with the key ranges that were hot in its bucket.
+#[derive(Default)]
+pub struct WarmPlan {
+    files: Vec<(Arc<LiveFile>, KeyRanges)>,
+}
+
+impl WarmPlan {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// What to prepare for `after`, from what the cache holds of `before`'s files. Memory only:
+/// it must run before the replaced files are forgotten.
+pub fn warm_plan(files: &DataFiles, before: &TableState, after: &TableState) -> WarmPlan {
+    let old: HashSet<&str> = before.files.all_paths().collect();
+    let live: HashSet<&str> = after.files.all_paths().collect();
+    let schema_id = before.layout.schema.schema_id();
+    let hot_in_bucket = |bucket: Option<i32>| -> KeyRanges {
+        let Some(b) = bucket else {
+            return Vec::new();
+        };
+        let mut ranges = Vec::new();
+        for f in before.files.files_for_bucket(b) {
+            if live.contains(f.path()) {
+                continue;
+            }
+            let Some(index) = files.cached_index(f.path()) else {
+                continue;
+            };
+            for (rg, group) in index.row_groups.iter().enumerate() {
+                if let Some(keys) = &group.keys
+                    && files.is_cached(&index.path, rg, schema_id)
+                {
+                    ranges.push(keys.clone());
+                }
+            }
+        }
+        ranges
+    };
+    WarmPlan {
+        files: after
+            .files
+            .data
+            .iter()
+            .filter(|f| !old.contains(f.path()))
+            .map(|f| (f.clone(), hot_in_bucket(f.bucket)))
+            .collect(),
+    }
+}
+
+/// Carries out a plan. Best effort: a file that cannot be read now is read by the first
+/// lookup that needs it, which reports the error.
+pub async fn warm(
+    files: &DataFiles,
+    file_io: &FileIO,
+    io: &Arc<IoStats>,
+    state: &TableState,
+    plan: WarmPlan,
+) {
+    let layout = &state.layout;
+    let tasks = plan.files.iter().map(|(file, hot)| async move {
+        let Ok(index) = files.index(file_io, file, io, Fill::Prefetch).await else {
+            return;
+        };
+        let mut row_groups: Vec<usize> = hot
+            .iter()
+            .flat_map(|(lo, hi)| index.overlapping(lo, hi))
+            .collect();
+        row_groups.sort_unstable();
+        row_groups.dedup();
+        if !row_groups.is_empty() {
+            let _ = files
+                .blocks(file_io, &index, &row_groups, layout, io, Fill::Prefetch)
+                .await;
+        }
+    });
+    futures::future::join_all(tasks).await;
+}
