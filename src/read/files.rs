@@ -266,13 +266,11 @@ struct BlockKey {
     schema_id: i32,
 }
 
-/// Whether a lookup may leave what it decodes in the cache. Reads do; writes looking up the
-/// stored rows of a large batch do not, so a materialization does not flush what readers use.
-/// Background preparation of a new snapshot caches, and counts its reads as prefetch.
+/// Who asks for row groups: a request (its reads count as data read) or the background
+/// preparation of a new snapshot (counted as prefetch). Both leave what they decode cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fill {
     Cache,
-    Bypass,
     Prefetch,
 }
 
@@ -443,11 +441,7 @@ impl DataFiles {
                 let (rg, block) = decoded
                     .next()
                     .ok_or_else(|| Error::internal("fewer row groups decoded than asked"))?;
-                let block = Arc::new(block);
-                *slot = Some(match fill {
-                    Fill::Cache | Fill::Prefetch => self.blocks.insert(key(rg), block),
-                    Fill::Bypass => block,
-                });
+                *slot = Some(self.blocks.insert(key(rg), Arc::new(block)));
             }
         }
         Ok(out.into_iter().flatten().collect())

@@ -11,7 +11,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::metadata::{
+    PageIndexPolicy, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader,
+};
 use parquet::file::statistics::Statistics;
 
 use super::files::CountingReader;
@@ -78,6 +80,31 @@ fn row_group_bytes(meta: &ParquetMetaData, rg: usize, path: &str) -> Result<Rang
     range.ok_or_else(|| Error::corrupt(path, "row group without columns"))
 }
 
+/// The footer without column statistics: decoding needs none, and the key ranges are kept
+/// in `RowGroupEntry`. Statistics are most of a footer's memory (min/max of every column of
+/// every row group), so dropping them keeps the index at a few bytes per key.
+fn without_statistics(meta: &ParquetMetaData) -> Result<Arc<ParquetMetaData>> {
+    let mut row_groups = Vec::with_capacity(meta.num_row_groups());
+    for rg in meta.row_groups() {
+        let columns = rg
+            .columns()
+            .iter()
+            .map(|c| c.clone().into_builder().clear_statistics().build())
+            .collect::<parquet::errors::Result<Vec<_>>>()?;
+        row_groups.push(
+            rg.clone()
+                .into_builder()
+                .set_column_metadata(columns)
+                .build()?,
+        );
+    }
+    Ok(Arc::new(
+        ParquetMetaDataBuilder::new(meta.file_metadata().clone())
+            .set_row_groups(row_groups)
+            .build(),
+    ))
+}
+
 impl FileIndex {
     /// Reads the footer of `path` (`size` bytes, `rows` rows as its manifest entry says) and
     /// indexes its row groups.
@@ -134,6 +161,7 @@ impl FileIndex {
                     + g.keys.as_ref().map_or(0, |(lo, hi)| lo.len() + hi.len())
             })
             .sum();
+        let meta = without_statistics(&meta)?;
         let bytes = meta.memory_size() + keys_bytes;
         let reader_metadata = ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())?;
         Ok(Self {

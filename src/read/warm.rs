@@ -20,11 +20,13 @@ type KeyRanges = Vec<KeyRange>;
 #[derive(Default)]
 pub struct WarmPlan {
     files: Vec<(Arc<LiveFile>, KeyRanges)>,
+    /// Whether the state brought delete files: reads must not decode them on the request path.
+    new_deletes: bool,
 }
 
 impl WarmPlan {
     pub fn is_empty(&self) -> bool {
-        self.files.is_empty()
+        self.files.is_empty() && !self.new_deletes
     }
 }
 
@@ -64,6 +66,7 @@ pub fn warm_plan(files: &DataFiles, before: &TableState, after: &TableState) -> 
             .filter(|f| !old.contains(f.path()))
             .map(|f| (f.clone(), hot_in_bucket(f.bucket)))
             .collect(),
+        new_deletes: after.files.deletes.iter().any(|d| !old.contains(d.path())),
     }
 }
 
@@ -93,5 +96,12 @@ pub async fn warm(
                 .await;
         }
     });
-    futures::future::join_all(tasks).await;
+    let deletes = state.files.deletes.iter().map(|d| async move {
+        let _ = files.position_deletes(file_io, d, &io.prefetch).await;
+    });
+    futures::future::join(
+        futures::future::join_all(tasks),
+        futures::future::join_all(deletes),
+    )
+    .await;
 }

@@ -146,7 +146,7 @@ fn own_deletes(bucket: i32, delete_files: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>
 
 /// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
 /// stored rows they replace. The stored rows are found like a read finds them (key index,
-/// then the row group; not left in the cache), deletes applied. With `merge_small_files`
+/// then the row group, cached for the reads that follow), deletes applied. With `merge_small_files`
 /// the small files are folded in too (`merge_small`).
 async fn merge_on_read(
     io: &StoreIo,
@@ -168,7 +168,7 @@ async fn merge_on_read(
     let wanted: Vec<&[u8]> = rows.iter().map(|&r| keys.value(r)).collect();
     let found = futures::future::try_join_all(files.iter().map(|f| {
         io.cache
-            .find(&io.file_io, f, &wanted, layout, &io.stats, Fill::Bypass)
+            .find(&io.file_io, f, &wanted, layout, &io.stats, Fill::Cache)
     }))
     .await?;
     let mut stored: HashMap<&[u8], Vec<StoredRow>> = HashMap::new();
