@@ -77,6 +77,34 @@ pub struct WriteReport {
     pub snapshot_id: Option<i64>,
 }
 
+/// Adds a later write's report to this one (the chunks of one ingest): counts are summed, the
+/// snapshot is the later write's if it made one. Destructured so that a new field cannot be
+/// left out of the sum without a compile error.
+impl std::ops::AddAssign<&WriteReport> for WriteReport {
+    fn add_assign(&mut self, later: &WriteReport) {
+        let WriteReport {
+            rows_written,
+            rows_ignored_older,
+            buckets,
+            files_added,
+            files_removed,
+            delete_files_added,
+            merge_on_read_buckets,
+            attempts,
+            snapshot_id,
+        } = later;
+        self.rows_written += rows_written;
+        self.rows_ignored_older += rows_ignored_older;
+        self.buckets += buckets;
+        self.files_added += files_added;
+        self.files_removed += files_removed;
+        self.delete_files_added += delete_files_added;
+        self.merge_on_read_buckets += merge_on_read_buckets;
+        self.attempts += attempts;
+        self.snapshot_id = snapshot_id.or(self.snapshot_id);
+    }
+}
+
 /// One bucket written: the new files and the old files they replace.
 #[derive(Default)]
 struct BucketRewrite {
