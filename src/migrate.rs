@@ -149,10 +149,11 @@ impl Store {
             None => SnapshotFiles::default(),
         };
         if files.delete_files > 0 {
-            return Err(Error::input(format!(
-                "{id} has delete files; the contrib store never writes them, so this is not a \
-                 table migrate understands"
-            )));
+            return Err(Error::table_state(
+                &id,
+                "it has delete files; the contrib store never writes them, so this is not a \
+                 table migrate understands",
+            ));
         }
         report.files_read = files.data.len();
         report.rows_read = files.total_records();

@@ -34,16 +34,31 @@ class StorageError(FeastIcebergError):
 class CorruptTableError(FeastIcebergError):
     """Table metadata or a file it references is unreadable or inconsistent."""
 
+class TableStateError(FeastIcebergError):
+    """The table is valid Iceberg but in a state this store cannot work on (files another
+    engine wrote: not bucketed by entity key, equality deletes); nothing was changed."""
+
+class ConversionError(FeastIcebergError, ValueError):
+    """Arrow data could not be converted (a failed cast, an overflow, batches that do not fit
+    together)."""
+
 class ReadTimeoutError(FeastIcebergError, TimeoutError):
     """An online read did not finish within `read_timeout_ms`."""
+
+class ForkError(FeastIcebergError):
+    """A `Store` built before `fork()` was used in the child; build a new one there."""
+
+class InternalError(FeastIcebergError):
+    """A bug in feast-iceberg: a broken invariant, or a Rust panic caught at the boundary."""
 
 def serialize_entity_keys(entity_keys: list[bytes], version: int) -> list[bytes]:
     """Feast's `serialize_entity_key` for serialized `EntityKey` protos, computed in Rust."""
 
+@final
 class Store:
     """One catalog + warehouse; safe to share between threads, rebuilt after fork by the shim."""
 
-    def __init__(self, config_json: str) -> None:
+    def __new__(cls, config_json: str) -> Self:
         """Parse and validate the config (JSON of `StoreConfig`); opens nothing yet."""
 
     def ensure_table(

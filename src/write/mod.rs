@@ -410,11 +410,11 @@ struct Plan {
 
 async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Result<Attempt> {
     if state.files.unbucketed_count() > 0 {
-        return Err(Error::input(format!(
-            "table {} holds files not partitioned by bucket(entity_key) (written by another \
-             tool); migrate it before writing",
-            state.id
-        )));
+        return Err(Error::table_state(
+            &state.id,
+            "it holds files not partitioned by bucket(entity_key) (written by another tool); \
+             migrate it before writing",
+        ));
     }
     state.files.check_deletes_supported(&state.id)?;
     let attempt_id = Uuid::new_v4();
