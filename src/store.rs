@@ -253,7 +253,7 @@ impl Store {
         if let Ok(catalog) = self.catalog().await
             && !catalog.owns_metadata_files()
         {
-            delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+            delete_quietly(&self.file_io, &prepared.table, &prepared.expired_metadata).await;
         }
     }
 
@@ -306,7 +306,7 @@ impl Store {
                 }
             }
             let doomed: Vec<String> = doomed.into_iter().collect();
-            delete_quietly(&self.file_io, &doomed).await;
+            delete_quietly(&self.file_io, &after.id, &doomed).await;
             let mut snaps = lock(&self.snapshots);
             let live: HashSet<&str> = after
                 .metadata
@@ -497,7 +497,7 @@ impl Store {
                 Ok(true)
             }
             Landed::Conflict => {
-                delete_quietly(&self.file_io, &prepared.written).await;
+                delete_quietly(&self.file_io, &state.id, &prepared.written).await;
                 Ok(false)
             }
             // Reloaded by the caller; a schema that landed is then found up to date.
@@ -642,7 +642,9 @@ impl Store {
                         .await;
                     return Ok(expire.len());
                 }
-                Landed::Conflict => delete_quietly(&self.file_io, &prepared.written).await,
+                Landed::Conflict => {
+                    delete_quietly(&self.file_io, &state.id, &prepared.written).await
+                }
                 Landed::Unknown => 0,
             };
         }

@@ -3,6 +3,7 @@
 
 mod arrow;
 mod errors;
+mod logging;
 
 use std::sync::Arc;
 
@@ -345,6 +346,7 @@ fn serialize_entity_keys<'py>(
 #[pymodule]
 fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    logging::install();
     errors::register(m)?;
     m.add_class::<PyStore>()?;
     m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;

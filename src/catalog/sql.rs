@@ -201,7 +201,7 @@ impl Catalog for SqlCatalog {
         .map_err(|e| self.err(&format!("register {table}"), &e));
         let created = matches!(&done, Ok(d) if d.rows_affected() == 1);
         if !created {
-            delete_quietly(file_io, &[location]).await;
+            delete_quietly(file_io, table, &[location]).await;
         }
         done.map(|_| created)
     }
@@ -230,7 +230,7 @@ impl Catalog for SqlCatalog {
                 metadata: Some(Box::new(prepared.metadata.clone())),
             })
         } else {
-            delete_quietly(file_io, &[location]).await;
+            delete_quietly(file_io, &base.id, &[location]).await;
             CommitOutcome::Conflict
         })
     }

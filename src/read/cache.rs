@@ -221,7 +221,8 @@ impl FileCache {
     }
 
     /// Loads the file into the cache on the runtime, unless it is cached or already loading.
-    /// Failures are dropped: the next read that needs the file probes it again.
+    /// A failure is logged and otherwise dropped: the next read that needs the file probes it
+    /// again.
     pub fn warm_in_background(
         self: &Arc<Self>,
         file_io: &FileIO,
@@ -244,9 +245,15 @@ impl FileCache {
         let (cache, file_io, layout, io) =
             (self.clone(), file_io.clone(), layout.clone(), io.clone());
         tokio::spawn(async move {
-            let loaded = load_file(&file_io, &path, &layout, &io.prefetch).await;
-            if let Ok(data) = loaded {
-                cache.insert(&path, schema_id, Arc::new(data));
+            match load_file(&file_io, &path, &layout, &io.prefetch).await {
+                Ok(data) => {
+                    cache.insert(&path, schema_id, Arc::new(data));
+                }
+                // Never while holding the cache lock: logging takes the GIL.
+                Err(e) => log::warn!(
+                    "table at {}: loading {path} into the read cache failed: {e}",
+                    crate::storage::table_root(&path)
+                ),
             }
             cache.lock().loading.remove(&(schema_id, path));
         });

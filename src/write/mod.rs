@@ -237,7 +237,7 @@ async fn merge_on_read(
                     .iter()
                     .map(|d| d.file_path().to_string())
                     .collect();
-                delete_quietly(&io.file_io, &paths).await;
+                delete_quietly(&io.file_io, &state.id, &paths).await;
                 return Err(e);
             }
         }
@@ -475,7 +475,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
         .map(|d| d.file_path().to_string())
         .collect();
     if let Some(e) = first_error {
-        delete_quietly(&store.file_io, &data_paths).await;
+        delete_quietly(&store.file_io, &state.id, &data_paths).await;
         return Err(e);
     }
     report.buckets = changes.buckets_changed;
@@ -491,7 +491,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
     let prepared = match prepare(&store.file_io, state, changes).await {
         Ok(p) => p,
         Err(e) => {
-            delete_quietly(&store.file_io, &data_paths).await;
+            delete_quietly(&store.file_io, &state.id, &data_paths).await;
             return Err(e);
         }
     };
@@ -504,8 +504,8 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
             Ok(Attempt::Committed(report))
         }
         Landed::Conflict => {
-            delete_quietly(&store.file_io, &data_paths).await;
-            delete_quietly(&store.file_io, &prepared.written).await;
+            delete_quietly(&store.file_io, &state.id, &data_paths).await;
+            delete_quietly(&store.file_io, &state.id, &prepared.written).await;
             Ok(Attempt::Conflict)
         }
         // The catalog may still apply it: deleting our files could break the table. They are
