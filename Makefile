@@ -27,6 +27,8 @@ lint:
 	$(PYTHON) -m ruff check python tests bench examples scripts
 	$(PYTHON) -m ruff format --check python tests bench examples scripts
 	$(PYTHON) -m mypy
+	# The stub against the built module (installed by install-test): names, signatures, classes.
+	$(PYTHON) -m mypy.stubtest feast_iceberg._internal
 
 rust-test:
 	cargo test --release

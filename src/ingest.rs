@@ -789,7 +789,10 @@ mod tests {
             (30, 33, 36)
         );
         assert_eq!((total.files_added, total.files_removed), (39, 42));
-        assert_eq!((total.delete_files_added, total.merge_on_read_buckets), (45, 48));
+        assert_eq!(
+            (total.delete_files_added, total.merge_on_read_buckets),
+            (45, 48)
+        );
         assert_eq!((total.attempts, total.snapshot_id), (3, Some(2)));
     }
 }

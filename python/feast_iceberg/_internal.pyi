@@ -3,7 +3,41 @@
 Every method that touches a catalog or storage releases the GIL while it works.
 """
 
-from typing import Any, Final
+from typing import Any, Final, final
+
+from typing_extensions import Self
+
+from feast_iceberg.reports import (
+    ArrowWriteReport,
+    ExpireReport,
+    IoStats,
+    MigrationReport,
+    OrphanReport,
+    TableStats,
+    WriteReport,
+)
+
+__all__ = [
+    "__version__",
+    "FeastIcebergError",
+    "ConfigError",
+    "SchemaMismatchError",
+    "InvalidInputError",
+    "TableNotFoundError",
+    "CommitConflictError",
+    "CatalogError",
+    "StorageError",
+    "CorruptTableError",
+    "TableStateError",
+    "ConversionError",
+    "ReadTimeoutError",
+    "ForkError",
+    "InternalError",
+    "Store",
+    "serialize_entity_keys",
+    "check_arrow",
+    "write_arrow",
+]
 
 __version__: Final[str]
 
@@ -81,7 +115,7 @@ class Store:
         values: list[bytes],
         event_ts_micros: list[int],
         created_ts_micros: list[int | None],
-    ) -> dict[str, Any]:
+    ) -> WriteReport:
         """Upsert rows in one atomic snapshot.
 
         `entity_keys[i]` is a serialized `EntityKey` proto; `values` is row-major: the serialized
@@ -105,23 +139,23 @@ class Store:
         event_ts is before `not_before` (micros; the TTL cut) comes back as None, None.
         """
 
-    def io_stats(self, reset: bool = False) -> dict[str, int]:
+    def io_stats(self, reset: bool = False) -> IoStats:
         """Bytes and requests read so far: `metadata_*` (metadata.json, manifest lists,
         manifests), `data_*` (data read to answer requests), `prefetch_*` (files loaded into the
         cache in the background); and `cache_bytes`, the decoded data held. `reset` zeroes the
         counters."""
 
-    def stats(self, table: str) -> dict[str, Any]:
+    def stats(self, table: str) -> TableStats:
         """Rows, files, bytes and snapshots of the current table state. `records` counts live
         rows (rows of data files minus `position_deletes`)."""
 
-    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> WriteReport:
         """Rewrite buckets with several data files (every bucket with `all`) into one sorted
         file each, newest row per key, in one `replace` snapshot. Same report as `write`."""
 
     def remove_orphans(
         self, table: str, older_than_seconds: float, dry_run: bool = False
-    ) -> dict[str, Any]:
+    ) -> OrphanReport:
         """Delete files under the table's data/ and metadata/ that no retained snapshot or
         metadata version references and that are older than `older_than_seconds`. Returns
         files, bytes, too_young (unreferenced but younger) and paths."""
@@ -132,7 +166,7 @@ class Store:
         join_keys: list[tuple[str, int]],
         features: list[tuple[str, int]],
         dry_run: bool = False,
-    ) -> dict[str, Any]:
+    ) -> MigrationReport:
         """Convert a table written by Feast's contrib Iceberg store into this layout in place,
         newest row per key, swapped in atomically. Returns already_migrated, files_read,
         rows_read, rows_live, previous_metadata (the contrib files are left in place)."""
@@ -140,7 +174,7 @@ class Store:
     def duplicate_keys(self, table: str) -> int:
         """Rows whose entity key another live row also has (0 for tables feast-iceberg wrote)."""
 
-    def expire(self, table: str, dry_run: bool = False) -> dict[str, Any]:
+    def expire(self, table: str, dry_run: bool = False) -> ExpireReport:
         """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits).
         Returns snapshots_expired (on a dry run: how many would be)."""
 
@@ -166,7 +200,7 @@ def write_arrow(
     event_ts: str,
     created_ts: str | None = None,
     chunk_rows: int = 1_000_000,
-) -> dict[str, Any]:
+) -> ArrowWriteReport:
     """Upsert every row of `data` (any object with `__arrow_c_stream__`: a pyarrow Table or
     RecordBatchReader), converted in Rust with Feast's conversion rules, one atomic snapshot per
     chunk of at most `chunk_rows` rows. Returns the write report summed over the chunks, plus
