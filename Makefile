@@ -21,12 +21,14 @@ quickstart: install
 ## Everything CI runs: format, lints, Rust tests, Python tests.
 test: install-test lint rust-test py-test
 
+## stubtest checks the stub against the built module (installed by install-test).
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets --all-features -- -D warnings
 	$(PYTHON) -m ruff check python tests bench examples scripts
 	$(PYTHON) -m ruff format --check python tests bench examples scripts
 	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy.stubtest feast_iceberg._internal
 
 rust-test:
 	cargo test --release

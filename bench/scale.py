@@ -357,7 +357,8 @@ def table(results: dict[str, Any]) -> str:
                 f"| ours, {name}, {label}{budget} | {fmt(x, 'read_1')} | {fmt(x, 'read_100')} "
                 f"| {x['rss_mb']:.0f} | {x.get('index_bytes_per_key', 0):.2f} "
                 f"| {x.get('hit_ratio', 0):.2f} "
-                f"| {x.get('bytes_per_miss', 0) / 1024:.1f} KiB, {x.get('requests_per_miss', 0):.2f} |"
+                f"| {x.get('bytes_per_miss', 0) / 1024:.1f} KiB, "
+                f"{x.get('requests_per_miss', 0):.2f} |"
             )
         w = r["writes"]
         lines.append(
@@ -371,7 +372,10 @@ def table(results: dict[str, Any]) -> str:
             f"| {fmt(s['default'], 'read_100')} | {s['default']['rss_mb']:.0f} | - | - | - |"
         )
     lines.append("")
-    lines.append("| load | seconds | rows/s per 1M window (100k-row commits) | 1% incremental rows/s | files |")
+    lines.append(
+        "| load | seconds | rows/s per 1M window (100k-row commits) | 1% incremental rows/s "
+        "| files |"
+    )
     lines.append("|---|---|---|---|---|")
     for name, r in results["sizes"].items():
         ld = r["load"]

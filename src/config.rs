@@ -50,6 +50,10 @@ pub struct StoreConfig {
     /// rewritten copy-on-write (automatic compaction).
     #[serde(default = "default_mor_max_delete_ratio")]
     pub merge_on_read_max_delete_ratio: f64,
+    /// How long a SQL catalog operation waits for a pooled connection (opening one included)
+    /// before it fails with a catalog error.
+    #[serde(default = "default_catalog_acquire_timeout")]
+    pub catalog_acquire_timeout_seconds: f64,
 }
 
 fn default_read_cache_bytes() -> usize {
@@ -67,6 +71,14 @@ fn default_mor_max_files() -> usize {
 fn default_mor_max_delete_ratio() -> f64 {
     0.2
 }
+
+fn default_catalog_acquire_timeout() -> f64 {
+    10.0
+}
+
+/// Seconds a `Duration` can hold without `Duration::from_secs_f64` panicking, with margin;
+/// about 31,700 years.
+const MAX_SECONDS: f64 = 1e12;
 
 impl StoreConfig {
     pub fn from_json(json: &str) -> Result<Self> {
@@ -113,11 +125,18 @@ impl StoreConfig {
                 self.snapshot_retention_seconds,
             ),
         ] {
-            if !v.is_finite() || v < 0.0 {
+            if !(0.0..=MAX_SECONDS).contains(&v) {
                 return Err(Error::config(format!(
-                    "{name} must be a finite number >= 0"
+                    "{name} must be a number in [0, {MAX_SECONDS:e}], got {v}"
                 )));
             }
+        }
+        let acquire = self.catalog_acquire_timeout_seconds;
+        if !(acquire > 0.0 && acquire <= MAX_SECONDS) {
+            return Err(Error::config(format!(
+                "catalog_acquire_timeout_seconds must be a number in (0, {MAX_SECONDS:e}], got \
+                 {acquire}"
+            )));
         }
         if self.snapshot_retention_count == 0 {
             return Err(Error::config("snapshot_retention_count must be >= 1"));
@@ -135,6 +154,10 @@ impl StoreConfig {
 
     pub fn snapshot_grace(&self) -> Duration {
         Duration::from_secs_f64(self.snapshot_retention_seconds)
+    }
+
+    pub fn catalog_acquire_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.catalog_acquire_timeout_seconds)
     }
 }
 
@@ -272,6 +295,40 @@ mod tests {
             assert!(
                 matches!(StoreConfig::from_json(&json(bad)), Err(Error::Config(_))),
                 "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn catalog_acquire_timeout_is_a_setting() {
+        let json = |acquire: &str, refresh: &str| {
+            format!(
+                r#"{{"catalog_type":"sql","catalog_name":"c","uri":"sqlite:///x","warehouse":"w",
+                "namespace":"ns","partition_count":16,"metadata_refresh_seconds":{refresh},
+                "snapshot_retention_count":1,"snapshot_retention_seconds":1.0,
+                "metadata_previous_versions_max":5,"commit_max_retries":3,
+                "entity_key_serialization_version":3{acquire}}}"#
+            )
+        };
+        let default = StoreConfig::from_json(&json("", "1.0")).unwrap();
+        assert_eq!(default.catalog_acquire_timeout(), Duration::from_secs(10));
+        let short =
+            StoreConfig::from_json(&json(r#","catalog_acquire_timeout_seconds":0.25"#, "1"));
+        assert_eq!(
+            short.unwrap().catalog_acquire_timeout(),
+            Duration::from_millis(250)
+        );
+        // 1e300 is finite, but `Duration::from_secs_f64` panics on it.
+        for (acquire, refresh) in [
+            (r#","catalog_acquire_timeout_seconds":0"#, "1"),
+            (r#","catalog_acquire_timeout_seconds":-1"#, "1"),
+            (r#","catalog_acquire_timeout_seconds":1e300"#, "1"),
+            ("", "1e300"),
+        ] {
+            let err = StoreConfig::from_json(&json(acquire, refresh)).err();
+            assert!(
+                matches!(&err, Some(Error::Config(m)) if m.contains("must be a number")),
+                "{acquire} {refresh}: {err:?}"
             );
         }
     }

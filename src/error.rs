@@ -40,6 +40,17 @@ pub enum Error {
     /// Metadata or files referenced by it are unreadable or inconsistent.
     #[error("corrupt table {table}: {detail}")]
     CorruptTable { table: String, detail: String },
+    /// A valid table in a state this store cannot work on (files another engine wrote: not
+    /// bucketed by entity key, equality deletes, ...). Nothing was changed.
+    #[error("table {table} cannot be used as it is: {detail}")]
+    TableState { table: String, detail: String },
+    /// Arrow data that cannot be converted (a cast that fails, an overflow, batches that do
+    /// not fit together).
+    #[error("arrow conversion failed: {0}")]
+    Conversion(String),
+    /// A store object built before `fork()` was used in the child.
+    #[error("{0}")]
+    Forked(String),
     /// A read missed its deadline.
     #[error("read of {table} exceeded its deadline of {timeout_ms} ms")]
     ReadTimeout { table: String, timeout_ms: u64 },
@@ -66,6 +77,12 @@ impl Error {
     }
     pub fn internal(msg: impl Display) -> Self {
         Self::Internal(msg.to_string())
+    }
+    pub fn table_state(table: impl Display, detail: impl Display) -> Self {
+        Self::TableState {
+            table: table.to_string(),
+            detail: detail.to_string(),
+        }
     }
     pub fn corrupt(table: impl Display, detail: impl Display) -> Self {
         Self::CorruptTable {
@@ -105,14 +122,16 @@ impl Error {
             Self::Catalog(m) => Self::Catalog(wrap(m)),
             Self::Storage(m) => Self::Storage(wrap(m)),
             Self::FileNotFound(m) => Self::FileNotFound(wrap(m)),
+            Self::Conversion(m) => Self::Conversion(wrap(m)),
             Self::Internal(m) => Self::Internal(wrap(m)),
             other => other,
         }
     }
 }
 
-/// Errors from iceberg-rust: its `DataInvalid` on metadata we loaded means a corrupt table, most
-/// others come from FileIO.
+/// Errors from iceberg-rust: a missing file (typed by our storage, see `storage::NotFound`)
+/// first; its `DataInvalid` on metadata we loaded means a corrupt table, most others come from
+/// FileIO.
 impl From<iceberg::Error> for Error {
     fn from(err: iceberg::Error) -> Self {
         use iceberg::ErrorKind as K;
@@ -132,20 +151,82 @@ impl From<iceberg::Error> for Error {
     }
 }
 
+/// Parquet errors come from reading or writing a file; a read of a file that vanished carries
+/// the storage's typed not-found as its source.
 impl From<parquet::errors::ParquetError> for Error {
     fn from(err: parquet::errors::ParquetError) -> Self {
+        if crate::storage::is_not_found(&err) {
+            return Self::FileNotFound(format!("parquet: {err}"));
+        }
         Self::Storage(format!("parquet: {err}"))
     }
 }
 
+/// Arrow errors: I/O and parquet failures underneath a reader are storage errors (a vanished
+/// file a `FileNotFound`), a bad C stream from Python is invalid input, and the rest are
+/// conversions of values or batches that do not fit.
 impl From<arrow_schema::ArrowError> for Error {
     fn from(err: arrow_schema::ArrowError) -> Self {
-        Self::Internal(format!("arrow: {err}"))
+        use arrow_schema::ArrowError as A;
+        if crate::storage::is_not_found(&err) {
+            return Self::FileNotFound(format!("arrow: {err}"));
+        }
+        match err {
+            A::IoError(..) | A::ExternalError(_) | A::ParquetError(_) => {
+                Self::Storage(format!("arrow: {err}"))
+            }
+            A::CDataInterface(_) => Self::InvalidInput(format!("arrow stream: {err}")),
+            other => Self::Conversion(other.to_string()),
+        }
     }
 }
 
 impl From<serde_json::Error> for Error {
     fn from(err: serde_json::Error) -> Self {
         Self::Internal(format!("json: {err}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_schema::ArrowError;
+
+    #[test]
+    fn arrow_errors_land_in_their_class() {
+        let cast = ArrowError::CastError("cannot cast string to int".into());
+        assert!(matches!(Error::from(cast), Error::Conversion(m) if m.contains("cast")));
+        let overflow = ArrowError::ArithmeticOverflow("2^70".into());
+        assert!(matches!(Error::from(overflow), Error::Conversion(_)));
+        let stream = ArrowError::CDataInterface("released stream".into());
+        assert!(matches!(Error::from(stream), Error::InvalidInput(_)));
+        let io = ArrowError::IoError("read".into(), std::io::Error::other("disk"));
+        assert!(matches!(Error::from(io), Error::Storage(_)));
+    }
+
+    #[test]
+    fn a_vanished_file_under_parquet_and_arrow_is_file_not_found() {
+        let gone = || crate::storage::not_found("s3://b/t/data/x.parquet");
+        let parquet = parquet::errors::ParquetError::External(Box::new(gone()));
+        assert!(matches!(Error::from(parquet), Error::FileNotFound(_)));
+        let arrow = ArrowError::ExternalError(Box::new(gone()));
+        assert!(matches!(Error::from(arrow), Error::FileNotFound(_)));
+        assert!(matches!(Error::from(gone()), Error::FileNotFound(_)));
+    }
+
+    #[test]
+    fn not_found_in_a_message_is_not_a_missing_file() {
+        // The text alone decided before: an S3 error about a bucket "not found" or a path
+        // that contains the words was taken for a file expired by another process.
+        let text = iceberg::Error::new(
+            iceberg::ErrorKind::Unexpected,
+            "s3 s3://b/not found/x: bucket not found",
+        );
+        assert!(matches!(Error::from(text), Error::Storage(_)));
+        let external = parquet::errors::ParquetError::External(Box::new(iceberg::Error::new(
+            iceberg::ErrorKind::Unexpected,
+            "No such file or directory",
+        )));
+        assert!(matches!(Error::from(external), Error::Storage(_)));
     }
 }

@@ -518,15 +518,7 @@ async fn commit_chunk(
 ) -> Result<()> {
     let batch = arrow_select::concat::concat_batches(&layout.arrow, pending.iter())?;
     pending.clear();
-    let w = upsert_batch(store, table, batch).await?;
-    let total = &mut report.write;
-    total.rows_written += w.rows_written;
-    total.rows_ignored_older += w.rows_ignored_older;
-    total.buckets += w.buckets;
-    total.files_added += w.files_added;
-    total.files_removed += w.files_removed;
-    total.attempts += w.attempts;
-    total.snapshot_id = w.snapshot_id.or(total.snapshot_id);
+    report.write += &upsert_batch(store, table, batch).await?;
     report.chunks += 1;
     Ok(())
 }
@@ -773,5 +765,34 @@ mod tests {
         assert!(
             matches!(err, Error::InvalidInput(m) if m.contains("\"driver_id\" is null in row 41"))
         );
+    }
+
+    #[test]
+    fn chunk_reports_sum_every_field() {
+        let chunk = |n: usize, snapshot| WriteReport {
+            rows_written: n,
+            rows_ignored_older: n + 1,
+            buckets: n + 2,
+            files_added: n + 3,
+            files_removed: n + 4,
+            delete_files_added: n + 5,
+            merge_on_read_buckets: n + 6,
+            attempts: 1,
+            snapshot_id: snapshot,
+        };
+        let mut total = WriteReport::default();
+        total += &chunk(10, Some(1));
+        total += &chunk(20, Some(2));
+        total += &chunk(0, None); // a chunk whose rows were all older commits nothing
+        assert_eq!(
+            (total.rows_written, total.rows_ignored_older, total.buckets),
+            (30, 33, 36)
+        );
+        assert_eq!((total.files_added, total.files_removed), (39, 42));
+        assert_eq!(
+            (total.delete_files_added, total.merge_on_read_buckets),
+            (45, 48)
+        );
+        assert_eq!((total.attempts, total.snapshot_id), (3, Some(2)));
     }
 }

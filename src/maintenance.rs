@@ -177,7 +177,7 @@ impl Store {
         }
         out.paths.sort();
         if !dry_run {
-            delete_quietly(&self.file_io, &out.paths).await;
+            delete_quietly(&self.file_io, &table, &out.paths).await;
         }
         Ok(out)
     }

@@ -132,6 +132,10 @@ impl Store {
     ) -> Result<MigrationReport> {
         let id = self.table_id(table)?;
         let catalog = self.catalog().await?;
+        // Before any work: on a catalog without the swap, staging would be wasted (and left).
+        if let Some(why) = catalog.swap_unsupported() {
+            return Err(Error::config(format!("cannot migrate {id}: {why}")));
+        }
         let Some(location) = catalog.metadata_location(&id).await? else {
             return Err(Error::TableNotFound(id.to_string()));
         };
@@ -149,10 +153,11 @@ impl Store {
             None => SnapshotFiles::default(),
         };
         if files.delete_files > 0 {
-            return Err(Error::input(format!(
-                "{id} has delete files; the contrib store never writes them, so this is not a \
-                 table migrate understands"
-            )));
+            return Err(Error::table_state(
+                &id,
+                "it has delete files; the contrib store never writes them, so this is not a \
+                 table migrate understands",
+            ));
         }
         report.files_read = files.data.len();
         report.rows_read = files.total_records();
@@ -162,28 +167,43 @@ impl Store {
 
         let staging = format!("{table}__migrating");
         self.drop_table(&staging).await?; // left over from an interrupted run
-        self.ensure_table(&staging, join_keys, features).await?;
         let staged = self.table_id(&staging)?;
-        let result = self.stage(&files, &staging, &staged).await;
-        let staged_state = match result {
+        // Until the swap, the staging table is ours alone: every failure drops it.
+        let built = async {
+            self.ensure_table(&staging, join_keys, features).await?;
+            let state = self.stage(&files, &staging, &staged).await?;
+            if catalog
+                .swap(&id, &location, &state.metadata_location)
+                .await?
+            {
+                Ok(state)
+            } else {
+                Err(Error::CommitConflict {
+                    table: format!("{id} (changed during migration; nothing was replaced)"),
+                    attempts: 1,
+                })
+            }
+        };
+        let staged_state = match built.await {
             Ok(state) => state,
             Err(e) => {
-                self.drop_table(&staging).await.ok();
+                if let Err(drop_err) = self.drop_table(&staging).await {
+                    log::warn!(
+                        "migrate {id}: could not drop the staging table {staged}: {drop_err}; \
+                         drop it with `Store.drop_table({staging:?})`"
+                    );
+                }
                 return Err(e.context(format!("migrate {id}")));
             }
         };
-        if !catalog
-            .swap(&id, &location, &staged_state.metadata_location)
-            .await?
-        {
-            self.drop_table(&staging).await.ok();
-            return Err(Error::CommitConflict {
-                table: format!("{id} (changed during migration; nothing was replaced)"),
-                attempts: 1,
-            });
+        // The swap landed: the staging files are the table's now, so the staging name is only
+        // unregistered, never dropped (that would delete the migrated table's files).
+        if let Err(e) = catalog.unregister(&staged).await {
+            log::warn!(
+                "migrate {id}: migrated, but the staging name {staged} is still registered \
+                 ({e}); unregister it in the catalog without deleting its files"
+            );
         }
-        // The staging name goes; its files are now the table's.
-        catalog.unregister(&staged).await?;
         self.forget(&staged);
         self.forget(&id);
         report.rows_live =

@@ -41,7 +41,47 @@ pub fn runtime() -> Result<Arc<Runtime>> {
     Ok(rt)
 }
 
-/// Runs a future to completion on the shared runtime (the caller must not be on a runtime thread).
+/// Runs a future to completion on the shared runtime (the caller must not be on a runtime
+/// thread). A panic inside it becomes `Error::Internal` carrying the panic message: a Python
+/// caller gets a `FeastIcebergError` (catchable with `except Exception`) instead of pyo3's
+/// `PanicException`, which derives from `BaseException`.
 pub fn block_on<F: Future>(fut: F) -> Result<F::Output> {
-    Ok(runtime()?.block_on(fut))
+    use futures::FutureExt;
+    let caught = runtime()?.block_on(std::panic::AssertUnwindSafe(fut).catch_unwind());
+    caught.map_err(|payload| Error::internal(format!("panic: {}", panic_message(&*payload))))
+}
+
+/// The text a panic was raised with (`panic!` with a literal or a formatted message).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_and_the_runtime_survives() {
+        let n = 7;
+        let err = block_on(async move {
+            if n > 0 {
+                panic!("invariant broken at {n}");
+            }
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::Internal(m) if m.contains("panic: invariant broken at 7")),
+            "{err}"
+        );
+        async fn boom() {
+            panic!("plain");
+        }
+        let literal = block_on(boom()).unwrap_err();
+        assert!(matches!(&literal, Error::Internal(m) if m.ends_with("panic: plain")));
+        assert_eq!(block_on(async { 1 + 1 }).unwrap(), 2);
+    }
 }

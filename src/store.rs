@@ -168,8 +168,10 @@ impl Store {
         }
         let (store, id) = (self.clone(), id.clone());
         tokio::spawn(async move {
-            // Errors are the next synchronous load's to report; the old state keeps serving.
-            let _ = store.refresh_warm(&id).await;
+            // The old state keeps serving; the next synchronous load reports a lasting error.
+            if let Err(e) = store.refresh_warm(&id).await {
+                log::warn!("table {id}: background metadata refresh failed: {e}");
+            }
             lock(&store.refreshing).remove(&id);
         });
     }
@@ -343,7 +345,7 @@ impl Store {
         if let Ok(catalog) = self.catalog().await
             && !catalog.owns_metadata_files()
         {
-            delete_quietly(&self.file_io, &prepared.expired_metadata).await;
+            delete_quietly(&self.file_io, &prepared.table, &prepared.expired_metadata).await;
         }
     }
 
@@ -388,7 +390,7 @@ impl Store {
                 }
             }
             let doomed: Vec<String> = doomed.into_iter().collect();
-            delete_quietly(&self.file_io, &doomed).await;
+            delete_quietly(&self.file_io, &after.id, &doomed).await;
             let mut snaps = lock(&self.snapshots);
             let live: HashSet<&str> = after
                 .metadata
@@ -579,7 +581,7 @@ impl Store {
                 Ok(true)
             }
             Landed::Conflict => {
-                delete_quietly(&self.file_io, &prepared.written).await;
+                delete_quietly(&self.file_io, &state.id, &prepared.written).await;
                 Ok(false)
             }
             // Reloaded by the caller; a schema that landed is then found up to date.
@@ -723,7 +725,9 @@ impl Store {
                         .await;
                     return Ok(expire.len());
                 }
-                Landed::Conflict => delete_quietly(&self.file_io, &prepared.written).await,
+                Landed::Conflict => {
+                    delete_quietly(&self.file_io, &state.id, &prepared.written).await
+                }
                 Landed::Unknown => 0,
             };
         }

@@ -146,11 +146,14 @@ impl SnapshotFiles {
     /// Fails on tables whose deletes we cannot apply (equality deletes from other engines).
     pub fn check_deletes_supported(&self, table: &dyn std::fmt::Display) -> Result<()> {
         if self.equality_deletes > 0 {
-            return Err(Error::input(format!(
-                "table {table} has {} equality-delete files (written by another engine), which \
-                 this store cannot apply; rewrite the table without them first",
-                self.equality_deletes
-            )));
+            return Err(Error::table_state(
+                table,
+                format!(
+                    "it has {} equality-delete files (written by another engine), which this \
+                     store cannot apply; rewrite the table without them first",
+                    self.equality_deletes
+                ),
+            ));
         }
         Ok(())
     }

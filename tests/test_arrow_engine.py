@@ -275,6 +275,22 @@ def test_every_record_batch_of_a_stream_is_written(env: Env) -> None:
     assert env.pyiceberg_table(view).scan().to_arrow().num_rows == 50
 
 
+def test_summed_report_counts_merge_on_read_chunks(make_env: Callable[..., Env]) -> None:
+    # One bucket of 200 rows, then 3 chunks of 10 newer rows: each chunk is a small push
+    # (10 <= 10% of 200), written merge-on-read with one position-delete file.
+    env = make_env(partition_count=1)
+    view = typed_view("typed")
+    env.apply(view)
+    write_arrow_path(env, view, arrow_rows(range(200), [(1, timedelta(0), None)], None))
+    newer = arrow_rows(range(30), [(2, timedelta(hours=1), None)], None)
+    report = write_arrow_path(env, view, newer, chunk_rows=10)
+    assert (report["chunks"], report["rows_written"], report["buckets"]) == (3, 30, 3)
+    assert report["merge_on_read_buckets"] == 3
+    assert report["delete_files_added"] == 3
+    assert report["files_added"] == 3 and report["files_removed"] == 0
+    assert env.stats(view)["delete_files"] == 3
+
+
 def test_renamed_columns_are_mapped(env: Env) -> None:
     view = typed_view("typed")
     env.apply(view)

@@ -116,13 +116,13 @@ def test_a_store_used_before_fork_works_in_the_child(make_env, backend: Backend)
 
 def _child_uses_core(queue: multiprocessing.Queue) -> None:
     store, config = _FORKED
-    from feast_iceberg.exceptions import ConfigError
+    from feast_iceberg.exceptions import ForkError
 
     try:
         store._store(config).table_exists("anything")  # the parent's core, by hand
         queue.put("used the parent's connections")
-    except ConfigError as e:
-        queue.put(str(e))
+    except ForkError as e:
+        queue.put(f"{type(e).__name__}: {e}")
 
 
 def test_a_core_from_before_fork_refuses_to_run_in_the_child(make_env, backend: Backend) -> None:
@@ -143,7 +143,8 @@ def test_a_core_from_before_fork_refuses_to_run_in_the_child(make_env, backend: 
     child.start()
     child.join(timeout=120)
     assert child.exitcode == 0
-    assert "fork" in queue.get(timeout=5)
+    said = queue.get(timeout=5)
+    assert said.startswith("ForkError: ") and "fork" in said  # not a ConfigError: config is fine
     # The parent's connections are intact after the child exited and dropped its copy.
     env.write(driver_view(), [driver_row(1, 1)])
     assert env.read(driver_view(), [driver_key(1)])[0][1] is not None

@@ -22,6 +22,7 @@ import servers
 from conftest import Env, driver_key, driver_row, driver_view, expected_values, plain, repo_config
 from feast_iceberg import IcebergOnlineStore
 from feast_iceberg.exceptions import CatalogError
+from feast_iceberg.online_store import table_name
 from test_interop import duckdb_with_iceberg
 
 N = 200
@@ -273,3 +274,30 @@ def test_static_bearer_token(tmp_path: Path, seaweed_server: servers.SeaweedServ
     write_version(env, 1)
     assert_version(env, 1)
     assert token not in repr(env.config.online_store)
+
+
+def test_migrate_is_refused_before_staging_anything(
+    tmp_path: Path, seaweed_server: servers.SeaweedServer
+) -> None:
+    from feast_iceberg.exceptions import ConfigError
+    from feast_iceberg.online_store import _column_types
+    from test_migrate import KEYS, contrib_rows
+
+    env = rest_env(tmp_path, seaweed_server, "r")
+    view = driver_view()
+    name = table_name(env.config, view)
+    catalog = env.catalog()
+    catalog.create_namespace(env.namespace)
+    contrib = catalog.create_table(f"{env.namespace}.{name}", schema=contrib_rows(1).schema)
+    contrib.append(contrib_rows(1))
+    before = catalog.load_table(f"{env.namespace}.{name}").metadata_location
+    store = env.store._store(env.config)
+    with pytest.raises(ConfigError, match="no metadata-location swap"):
+        store.migrate(name, _column_types(view.entity_columns), _column_types(view.features))
+    # No staging table left behind (the swap used to be refused only after staging it all),
+    # and the contrib table is as it was.
+    assert not catalog.table_exists(f"{env.namespace}.{name}__migrating")
+    assert [t[-1] for t in catalog.list_tables(env.namespace)] == [name]
+    table = catalog.load_table(f"{env.namespace}.{name}")
+    assert table.metadata_location == before
+    assert table.scan().to_arrow().num_rows == KEYS

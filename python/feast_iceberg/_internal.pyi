@@ -3,7 +3,41 @@
 Every method that touches a catalog or storage releases the GIL while it works.
 """
 
-from typing import Any, Final
+from typing import Any, Final, final
+
+from typing_extensions import Self
+
+from feast_iceberg.reports import (
+    ArrowWriteReport,
+    ExpireReport,
+    IoStats,
+    MigrationReport,
+    OrphanReport,
+    TableStats,
+    WriteReport,
+)
+
+__all__ = [
+    "__version__",
+    "FeastIcebergError",
+    "ConfigError",
+    "SchemaMismatchError",
+    "InvalidInputError",
+    "TableNotFoundError",
+    "CommitConflictError",
+    "CatalogError",
+    "StorageError",
+    "CorruptTableError",
+    "TableStateError",
+    "ConversionError",
+    "ReadTimeoutError",
+    "ForkError",
+    "InternalError",
+    "Store",
+    "serialize_entity_keys",
+    "check_arrow",
+    "write_arrow",
+]
 
 __version__: Final[str]
 
@@ -34,16 +68,31 @@ class StorageError(FeastIcebergError):
 class CorruptTableError(FeastIcebergError):
     """Table metadata or a file it references is unreadable or inconsistent."""
 
+class TableStateError(FeastIcebergError):
+    """The table is valid Iceberg but in a state this store cannot work on (files another
+    engine wrote: not bucketed by entity key, equality deletes); nothing was changed."""
+
+class ConversionError(FeastIcebergError, ValueError):
+    """Arrow data could not be converted (a failed cast, an overflow, batches that do not fit
+    together)."""
+
 class ReadTimeoutError(FeastIcebergError, TimeoutError):
     """An online read did not finish within `read_timeout_ms`."""
+
+class ForkError(FeastIcebergError):
+    """A `Store` built before `fork()` was used in the child; build a new one there."""
+
+class InternalError(FeastIcebergError):
+    """A bug in feast-iceberg: a broken invariant, or a Rust panic caught at the boundary."""
 
 def serialize_entity_keys(entity_keys: list[bytes], version: int) -> list[bytes]:
     """Feast's `serialize_entity_key` for serialized `EntityKey` protos, computed in Rust."""
 
+@final
 class Store:
     """One catalog + warehouse; safe to share between threads, rebuilt after fork by the shim."""
 
-    def __init__(self, config_json: str) -> None:
+    def __new__(cls, config_json: str) -> Self:
         """Parse and validate the config (JSON of `StoreConfig`); opens nothing yet."""
 
     def ensure_table(
@@ -66,7 +115,7 @@ class Store:
         values: list[bytes],
         event_ts_micros: list[int],
         created_ts_micros: list[int | None],
-    ) -> dict[str, Any]:
+    ) -> WriteReport:
         """Upsert rows in one atomic snapshot.
 
         `entity_keys[i]` is a serialized `EntityKey` proto; `values` is row-major: the serialized
@@ -90,7 +139,7 @@ class Store:
         event_ts is before `not_before` (micros; the TTL cut) comes back as None, None.
         """
 
-    def io_stats(self, reset: bool = False) -> dict[str, int]:
+    def io_stats(self, reset: bool = False) -> IoStats:
         """Bytes and requests read so far: `metadata_*` (metadata.json, manifest lists,
         manifests), `data_*` (data read to answer requests), `prefetch_*` (indexes and row groups
         loaded in the background when a new snapshot is swapped in); the block cache's
@@ -98,17 +147,17 @@ class Store:
         key indexes' `index_files`, `index_bytes`, `index_rows`. `reset` zeroes the I/O
         counters."""
 
-    def stats(self, table: str) -> dict[str, Any]:
+    def stats(self, table: str) -> TableStats:
         """Rows, files, bytes and snapshots of the current table state. `records` counts live
         rows (rows of data files minus `position_deletes`)."""
 
-    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> WriteReport:
         """Rewrite buckets with several data files (every bucket with `all`) into one sorted
         file each, newest row per key, in one `replace` snapshot. Same report as `write`."""
 
     def remove_orphans(
         self, table: str, older_than_seconds: float, dry_run: bool = False
-    ) -> dict[str, Any]:
+    ) -> OrphanReport:
         """Delete files under the table's data/ and metadata/ that no retained snapshot or
         metadata version references and that are older than `older_than_seconds`. Returns
         files, bytes, too_young (unreferenced but younger) and paths."""
@@ -119,7 +168,7 @@ class Store:
         join_keys: list[tuple[str, int]],
         features: list[tuple[str, int]],
         dry_run: bool = False,
-    ) -> dict[str, Any]:
+    ) -> MigrationReport:
         """Convert a table written by Feast's contrib Iceberg store into this layout in place,
         newest row per key, swapped in atomically. Returns already_migrated, files_read,
         rows_read, rows_live, previous_metadata (the contrib files are left in place)."""
@@ -127,7 +176,7 @@ class Store:
     def duplicate_keys(self, table: str) -> int:
         """Rows whose entity key another live row also has (0 for tables feast-iceberg wrote)."""
 
-    def expire(self, table: str, dry_run: bool = False) -> dict[str, Any]:
+    def expire(self, table: str, dry_run: bool = False) -> ExpireReport:
         """Run snapshot expiry and unreferenced-file deletion now (it also runs after commits).
         Returns snapshots_expired (on a dry run: how many would be)."""
 
@@ -153,7 +202,7 @@ def write_arrow(
     event_ts: str,
     created_ts: str | None = None,
     chunk_rows: int = 1_000_000,
-) -> dict[str, Any]:
+) -> ArrowWriteReport:
     """Upsert every row of `data` (any object with `__arrow_c_stream__`: a pyarrow Table or
     RecordBatchReader), converted in Rust with Feast's conversion rules, one atomic snapshot per
     chunk of at most `chunk_rows` rows. Returns the write report summed over the chunks, plus

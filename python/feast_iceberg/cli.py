@@ -9,7 +9,7 @@ write; these commands are for inspection, explicit runs and clean-up after crash
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import click
 from . import _internal
 from .config import IcebergOnlineStoreConfig
 from .exceptions import ConfigError, FeastIcebergError
+from .reports import MigrationReport
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _each_table(
     ctx: click.Context,
     views: Sequence[str],
     label: str,
-    action: Callable[[str, str, _internal.Store, Any], dict[str, Any]],
+    action: Callable[[str, str, _internal.Store, Any], Mapping[str, Any]],
 ) -> list[dict[str, Any]]:
     repo: Repo = ctx.obj
     targets = list(repo.tables(views))
@@ -234,7 +235,7 @@ def migrate(ctx: click.Context, views: tuple[str, ...], dry_run: bool, as_json: 
     fs = FeatureStore(repo_path=str(repo.repo_path), fs_yaml_file=repo.yaml_path)
     views_by_name = {fv.name: fv for fv in fs.list_feature_views()}
 
-    def one(view: str, table: str, store: _internal.Store, _config: Any) -> dict[str, Any]:
+    def one(view: str, table: str, store: _internal.Store, _config: Any) -> MigrationReport:
         fv = views_by_name[view]
         return store.migrate(
             table, _column_types(fv.entity_columns), _column_types(fv.features), dry_run=dry_run

@@ -99,6 +99,11 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     """Automatic compaction: a bucket in which more than this fraction of the stored rows would
     be deleted rows is rewritten copy-on-write (one file, its delete files dropped)."""
 
+    catalog_acquire_timeout_seconds: float = Field(default=10.0, gt=0, le=1e12)
+    """SQL catalogs (SQLite, PostgreSQL): how long an operation waits for a connection of the
+    catalog's pool, opening one included, before it fails with `CatalogError`. Raise it when
+    many threads share one store or the database is far away; lower it to fail fast."""
+
     @field_validator("storage_options", mode="before")
     @classmethod
     def _stringify_options(cls, value: Any) -> Any:
@@ -154,6 +159,7 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
                 "merge_on_read_max_fraction": self.merge_on_read_max_fraction,
                 "merge_on_read_max_files": self.merge_on_read_max_files,
                 "merge_on_read_max_delete_ratio": self.merge_on_read_max_delete_ratio,
+                "catalog_acquire_timeout_seconds": self.catalog_acquire_timeout_seconds,
                 "entity_key_serialization_version": entity_key_serialization_version,
             }
         )

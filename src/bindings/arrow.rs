@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use pyo3_arrow::{PyRecordBatchReader, PySchema};
 
-use super::{PyStore, errors, run, write_report};
+use super::{PyStore, run, write_report};
 use crate::Error;
 use crate::ingest::{self, SourceColumns};
 
@@ -42,14 +42,15 @@ fn check_arrow(
     let cols = source_columns(join_keys, features, event_ts, created_ts);
     let schema = schema.into_inner();
     let inner = store.get().core()?.clone();
-    let checked = py.detach(|| {
-        crate::runtime::block_on(ingest::check(&inner, &table, &cols, &schema)).and_then(|r| r)
-    });
-    match checked {
-        Ok(()) => Ok(None),
-        Err(Error::SchemaMismatch(why)) => Ok(Some(why)),
-        Err(e) => Err(errors::to_py(e)),
-    }
+    // A schema the table cannot take is the answer, not an error.
+    let checked = async {
+        match ingest::check(&inner, &table, &cols, &schema).await {
+            Ok(()) => Ok(None),
+            Err(Error::SchemaMismatch(why)) => Ok(Some(why)),
+            Err(e) => Err(e),
+        }
+    };
+    run(py, checked)
 }
 
 /// Upserts every row of `data` (any object with `__arrow_c_stream__`: a pyarrow Table or

@@ -21,7 +21,11 @@ struct Classes {
     catalog: Py<PyType>,
     storage: Py<PyType>,
     corrupt: Py<PyType>,
+    table_state: Py<PyType>,
+    conversion: Py<PyType>,
     timeout: Py<PyType>,
+    fork: Py<PyType>,
+    internal: Py<PyType>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -94,10 +98,32 @@ fn build(py: Python<'_>) -> PyResult<Classes> {
             None,
             "Table metadata or a referenced file is unreadable or inconsistent.",
         )?,
+        table_state: sub(
+            "TableStateError",
+            None,
+            "The table is valid Iceberg but in a state this store cannot work on (files \
+             another engine wrote); nothing was changed.",
+        )?,
+        conversion: sub(
+            "ConversionError",
+            Some(&value),
+            "Arrow data could not be converted (a failed cast, an overflow, batches that do \
+             not fit together).",
+        )?,
         timeout: sub(
             "ReadTimeoutError",
             Some(&py.get_type::<PyTimeoutError>()),
             "An online read did not finish within read_timeout_ms.",
+        )?,
+        fork: sub(
+            "ForkError",
+            None,
+            "A Store built before fork() was used in the child; build a new one there.",
+        )?,
+        internal: sub(
+            "InternalError",
+            None,
+            "A bug in feast-iceberg (a broken invariant or a Rust panic); please report it.",
         )?,
         base,
     })
@@ -119,7 +145,11 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("CatalogError", &c.catalog),
         ("StorageError", &c.storage),
         ("CorruptTableError", &c.corrupt),
+        ("TableStateError", &c.table_state),
+        ("ConversionError", &c.conversion),
         ("ReadTimeoutError", &c.timeout),
+        ("ForkError", &c.fork),
+        ("InternalError", &c.internal),
     ] {
         m.add(name, cls.clone_ref(m.py()))?;
     }
@@ -140,8 +170,11 @@ pub fn to_py(err: Error) -> PyErr {
             Error::Catalog(_) => &c.catalog,
             Error::Storage(_) | Error::FileNotFound(_) => &c.storage,
             Error::CorruptTable { .. } => &c.corrupt,
+            Error::TableState { .. } => &c.table_state,
+            Error::Conversion(_) => &c.conversion,
             Error::ReadTimeout { .. } => &c.timeout,
-            Error::Internal(_) => &c.base,
+            Error::Forked(_) => &c.fork,
+            Error::Internal(_) => &c.internal,
         };
         PyErr::from_type(cls.bind(py).clone(), err.to_string())
     })

@@ -3,6 +3,7 @@
 
 mod arrow;
 mod errors;
+mod logging;
 
 use std::sync::Arc;
 
@@ -53,7 +54,9 @@ impl Blobs {
 /// serialized `RepeatedValue` of the features or None.
 type PyReadResult<'py> = (Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>);
 
-/// Runs `f` on the shared runtime with the GIL released.
+/// Runs `f` on the shared runtime with the GIL released. Every call into the core goes through
+/// here: errors become their Python classes, and a panic becomes `InternalError` (see
+/// `runtime::block_on`), never pyo3's `PanicException`.
 fn run<T: Send>(
     py: Python<'_>,
     f: impl std::future::Future<Output = Result<T>> + Send,
@@ -83,9 +86,10 @@ impl PyStore {
         if self.pid == std::process::id() {
             Ok(&self.inner)
         } else {
-            Err(errors::to_py(crate::error::Error::config(
+            Err(errors::to_py(crate::error::Error::Forked(
                 "this Store was created before a fork(); create a new one in the child \
-                 (IcebergOnlineStore does so by itself)",
+                 (IcebergOnlineStore does so by itself)"
+                    .into(),
             )))
         }
     }
@@ -350,6 +354,7 @@ fn serialize_entity_keys<'py>(
 #[pymodule]
 fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    logging::install();
     errors::register(m)?;
     m.add_class::<PyStore>()?;
     m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;

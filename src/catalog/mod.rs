@@ -75,6 +75,11 @@ pub trait Catalog: Send + Sync + Debug {
         prepared: &PreparedCommit,
         file_io: &FileIO,
     ) -> Result<CommitOutcome>;
+    /// Why `swap` cannot work on this catalog, or None if it can. Migration asks before it
+    /// stages anything.
+    fn swap_unsupported(&self) -> Option<String> {
+        None
+    }
     /// Points `table` at metadata another table wrote (migration); false on a conflict.
     async fn swap(&self, table: &TableId, expected: &str, new: &str) -> Result<bool>;
     /// Removes the table from the catalog; returns its last metadata location if it existed.

@@ -455,11 +455,13 @@ impl Catalog for RestCatalog {
         }))
     }
 
+    fn swap_unsupported(&self) -> Option<String> {
+        Some("the REST protocol has no metadata-location swap; migrate with a SQL catalog".into())
+    }
+
     async fn swap(&self, table: &TableId, _: &str, _: &str) -> Result<bool> {
-        Err(Error::config(format!(
-            "cannot repoint {table}: the REST protocol has no metadata-location swap; \
-             migrate with a SQL catalog"
-        )))
+        let why = self.swap_unsupported().unwrap_or_default();
+        Err(Error::config(format!("cannot repoint {table}: {why}")))
     }
 
     async fn unregister(&self, table: &TableId) -> Result<Option<String>> {

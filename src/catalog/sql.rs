@@ -3,7 +3,6 @@
 //! affected means another writer committed first.
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -88,7 +87,7 @@ impl SqlCatalog {
         let is_sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
             .max_connections(if is_sqlite { 2 } else { 4 })
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(config.catalog_acquire_timeout())
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if is_sqlite {
@@ -202,7 +201,7 @@ impl Catalog for SqlCatalog {
         .map_err(|e| self.err(&format!("register {table}"), &e));
         let created = matches!(&done, Ok(d) if d.rows_affected() == 1);
         if !created {
-            delete_quietly(file_io, &[location]).await;
+            delete_quietly(file_io, table, &[location]).await;
         }
         done.map(|_| created)
     }
@@ -231,7 +230,7 @@ impl Catalog for SqlCatalog {
                 metadata: Some(Box::new(prepared.metadata.clone())),
             })
         } else {
-            delete_quietly(file_io, &[location]).await;
+            delete_quietly(file_io, &base.id, &[location]).await;
             CommitOutcome::Conflict
         })
     }

@@ -81,8 +81,9 @@ pub async fn warm(
 ) {
     let layout = &state.layout;
     let tasks = plan.files.iter().map(|(file, hot)| async move {
-        let Ok(index) = files.index(file_io, file, io, Fill::Prefetch).await else {
-            return;
+        let index = match files.index(file_io, file, io, Fill::Prefetch).await {
+            Ok(index) => index,
+            Err(e) => return warn_failed(state, file.path(), &e),
         };
         let mut row_groups: Vec<usize> = hot
             .iter()
@@ -90,18 +91,29 @@ pub async fn warm(
             .collect();
         row_groups.sort_unstable();
         row_groups.dedup();
-        if !row_groups.is_empty() {
-            let _ = files
+        if !row_groups.is_empty()
+            && let Err(e) = files
                 .blocks(file_io, &index, &row_groups, layout, io, Fill::Prefetch)
-                .await;
+                .await
+        {
+            warn_failed(state, file.path(), &e);
         }
     });
     let deletes = state.files.deletes.iter().map(|d| async move {
-        let _ = files.position_deletes(file_io, d, &io.prefetch).await;
+        if let Err(e) = files.position_deletes(file_io, d, &io.prefetch).await {
+            warn_failed(state, d.path(), &e);
+        }
     });
     futures::future::join(
         futures::future::join_all(tasks),
         futures::future::join_all(deletes),
     )
     .await;
+}
+
+fn warn_failed(state: &TableState, path: &str, e: &crate::error::Error) {
+    log::warn!(
+        "table {}: preparing {path} for reads failed (the first read that needs it retries): {e}",
+        state.id
+    );
 }

@@ -2,6 +2,7 @@
 //! our object_store-backed `S3Storage`. One FileIO serves both, routed by each path's scheme,
 //! because a REST catalog decides table locations and a migrated table may point elsewhere.
 
+mod local;
 mod s3;
 
 use std::collections::BTreeMap;
@@ -12,11 +13,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use iceberg::io::{
-    FileIO, FileIOBuilder, FileMetadata, FileRead, FileWrite, InputFile, LocalFsStorage,
-    OutputFile, Storage, StorageConfig, StorageFactory,
+    FileIO, FileIOBuilder, FileMetadata, FileRead, FileWrite, InputFile, OutputFile, Storage,
+    StorageConfig, StorageFactory,
 };
 use serde::{Deserialize, Serialize};
 
+pub use local::LocalStorage;
 pub use s3::S3Storage;
 
 use crate::config::StoreConfig;
@@ -43,6 +45,8 @@ fn is_local(path: &str) -> bool {
 struct Routed {
     #[serde(skip)]
     s3: S3Storage,
+    #[serde(skip)]
+    local: LocalStorage,
 }
 
 impl Routed {
@@ -50,7 +54,7 @@ impl Routed {
         if is_s3(path) {
             Ok(&self.s3)
         } else if is_local(path) {
-            Ok(&LocalFsStorage)
+            Ok(&self.local)
         } else {
             Err(iceberg::Error::new(
                 iceberg::ErrorKind::FeatureUnsupported,
@@ -135,6 +139,7 @@ pub fn file_io(config: &StoreConfig) -> Result<FileIO> {
         .collect();
     let storage = Arc::new(Routed {
         s3: S3Storage::new(s3_props),
+        local: LocalStorage,
     });
     Ok(FileIOBuilder::new(Arc::new(RoutedFactory { storage })).build())
 }
@@ -147,10 +152,43 @@ pub fn table_location(config: &StoreConfig, namespace: &str, table: &str) -> Str
     )
 }
 
-/// True when an error means the file is gone (deleted by expiry in another process).
-pub fn is_not_found(err: &iceberg::Error) -> bool {
-    let text = format!("{err:#}").to_ascii_lowercase();
-    text.contains("not found") || text.contains("no such file")
+/// The table location a data or metadata file lives under (`<location>/data/...`), for messages
+/// about a file whose table the caller does not know; the path itself when it has no such part.
+pub fn table_root(path: &str) -> &str {
+    path.rsplit_once("/data/")
+        .or_else(|| path.rsplit_once("/metadata/"))
+        .map_or(path, |(root, _)| root)
+}
+
+/// The marker our storages attach (as the source of an `iceberg::Error`) when a file does not
+/// exist: a file expired by another process reads as "reload and retry", not as corruption,
+/// and no error text is ever parsed to tell.
+#[derive(Debug, thiserror::Error)]
+#[error("file not found: {path}")]
+pub struct NotFound {
+    pub path: String,
+}
+
+/// The error a storage returns for a missing file.
+pub(crate) fn not_found(path: &str) -> iceberg::Error {
+    iceberg::Error::new(iceberg::ErrorKind::Unexpected, format!("not found: {path}")).with_source(
+        NotFound {
+            path: path.to_string(),
+        },
+    )
+}
+
+/// True when `err`, or an error it wraps (parquet and arrow readers wrap storage errors),
+/// is our typed `NotFound`.
+pub fn is_not_found(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if e.is::<NotFound>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// Bytes and requests of one kind of read, for the bench and `stats`.

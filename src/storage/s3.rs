@@ -51,13 +51,11 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> IcebergError {
     IcebergError::new(kind, msg)
 }
 
-/// object_store errors carry URLs but no credentials; "not found" stays recognisable so a file
-/// expired by another process reads as a conflict, not corruption.
+/// object_store errors carry URLs but no credentials; a missing object becomes our typed
+/// not-found, so a file expired by another process reads as a conflict, not corruption.
 fn from_store(path: &str, e: &object_store::Error) -> IcebergError {
     match e {
-        object_store::Error::NotFound { .. } => {
-            err(ErrorKind::Unexpected, format!("not found: {path}"))
-        }
+        object_store::Error::NotFound { .. } => super::not_found(path),
         other => err(ErrorKind::Unexpected, format!("s3 {path}: {other}")),
     }
 }

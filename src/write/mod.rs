@@ -81,6 +81,34 @@ pub struct WriteReport {
     pub snapshot_id: Option<i64>,
 }
 
+/// Adds a later write's report to this one (the chunks of one ingest): counts are summed, the
+/// snapshot is the later write's if it made one. Destructured so that a new field cannot be
+/// left out of the sum without a compile error.
+impl std::ops::AddAssign<&WriteReport> for WriteReport {
+    fn add_assign(&mut self, later: &WriteReport) {
+        let WriteReport {
+            rows_written,
+            rows_ignored_older,
+            buckets,
+            files_added,
+            files_removed,
+            delete_files_added,
+            merge_on_read_buckets,
+            attempts,
+            snapshot_id,
+        } = later;
+        self.rows_written += rows_written;
+        self.rows_ignored_older += rows_ignored_older;
+        self.buckets += buckets;
+        self.files_added += files_added;
+        self.files_removed += files_removed;
+        self.delete_files_added += delete_files_added;
+        self.merge_on_read_buckets += merge_on_read_buckets;
+        self.attempts += attempts;
+        self.snapshot_id = snapshot_id.or(self.snapshot_id);
+    }
+}
+
 /// One bucket written: the new files and the old files they replace.
 #[derive(Default)]
 struct BucketRewrite {
@@ -214,7 +242,7 @@ async fn merge_on_read(
                     .iter()
                     .map(|d| d.file_path().to_string())
                     .collect();
-                delete_quietly(&io.file_io, &paths).await;
+                delete_quietly(&io.file_io, &state.id, &paths).await;
                 return Err(e);
             }
         }
@@ -384,11 +412,11 @@ struct Plan {
 
 async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Result<Attempt> {
     if state.files.unbucketed_count() > 0 {
-        return Err(Error::input(format!(
-            "table {} holds files not partitioned by bucket(entity_key) (written by another \
-             tool); migrate it before writing",
-            state.id
-        )));
+        return Err(Error::table_state(
+            &state.id,
+            "it holds files not partitioned by bucket(entity_key) (written by another tool); \
+             migrate it before writing",
+        ));
     }
     state.files.check_deletes_supported(&state.id)?;
     let attempt_id = Uuid::new_v4();
@@ -449,7 +477,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
         .map(|d| d.file_path().to_string())
         .collect();
     if let Some(e) = first_error {
-        delete_quietly(&store.file_io, &data_paths).await;
+        delete_quietly(&store.file_io, &state.id, &data_paths).await;
         return Err(e);
     }
     report.buckets = changes.buckets_changed;
@@ -465,7 +493,7 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
     let prepared = match prepare(&store.file_io, state, changes).await {
         Ok(p) => p,
         Err(e) => {
-            delete_quietly(&store.file_io, &data_paths).await;
+            delete_quietly(&store.file_io, &state.id, &data_paths).await;
             return Err(e);
         }
     };
@@ -478,8 +506,8 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
             Ok(Attempt::Committed(report))
         }
         Landed::Conflict => {
-            delete_quietly(&store.file_io, &data_paths).await;
-            delete_quietly(&store.file_io, &prepared.written).await;
+            delete_quietly(&store.file_io, &state.id, &data_paths).await;
+            delete_quietly(&store.file_io, &state.id, &prepared.written).await;
             Ok(Attempt::Conflict)
         }
         // The catalog may still apply it: deleting our files could break the table. They are

@@ -11,6 +11,7 @@
 //! manifests costs less than tracking several and keeps reads to at most two manifests.
 
 use std::collections::{HashMap, HashSet};
+use std::fmt::Display;
 use std::sync::Arc;
 
 use iceberg::io::FileIO;
@@ -21,6 +22,7 @@ use iceberg::spec::{
 use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
+use crate::catalog::TableId;
 use crate::error::Result;
 use crate::table::{LiveFile, TableState};
 
@@ -28,6 +30,8 @@ use crate::table::{LiveFile, TableState};
 /// (a SQL catalog commit writes it, a REST catalog builds its own from `updates`).
 #[derive(Debug)]
 pub struct PreparedCommit {
+    /// The table it commits to (named in the warnings of its cleanups).
+    pub table: TableId,
     pub metadata: TableMetadata,
     /// The same change as REST catalog updates, checked against `requirements`.
     pub updates: Vec<TableUpdate>,
@@ -241,7 +245,7 @@ pub async fn prepare(
     let mut written = Vec::new();
     let result = prepare_inner(file_io, base, changes, &mut written).await;
     if result.is_err() {
-        delete_quietly(file_io, &written).await;
+        delete_quietly(file_io, &base.id, &written).await;
     }
     result
 }
@@ -296,6 +300,7 @@ async fn prepare_inner(
     let built = builder.build()?;
     let metadata = built.metadata;
     Ok(PreparedCommit {
+        table: base.id.clone(),
         metadata,
         updates: built.changes,
         requirements,
@@ -309,13 +314,22 @@ async fn prepare_inner(
     })
 }
 
-/// Best-effort deletion of files nobody references; a miss leaves an orphan for
-/// `remove-orphans`, never a broken table.
-pub async fn delete_quietly(file_io: &FileIO, paths: &[String]) -> usize {
+/// Best-effort deletion of files of `table` nobody references; returns how many were deleted.
+/// A failure leaves an orphan for `remove-orphans`, never a broken table, and is logged as a
+/// warning naming the table and the file, so orphans never pile up without a trace.
+pub async fn delete_quietly(
+    file_io: &FileIO,
+    table: &(dyn Display + Sync),
+    paths: &[String],
+) -> usize {
     let mut deleted = 0;
     for p in paths {
-        if file_io.delete(p).await.is_ok() {
-            deleted += 1;
+        match file_io.delete(p).await {
+            Ok(()) => deleted += 1,
+            Err(e) => log::warn!(
+                "table {table}: could not delete {p}, left as an orphan for `feast-iceberg \
+                 remove-orphans`: {e}"
+            ),
         }
     }
     deleted

@@ -1,0 +1,98 @@
+"""The reports the Rust core returns, as `TypedDict`s (plain dicts at runtime).
+
+The stub of `feast_iceberg._internal` types its return values with these, so a misspelt key is
+a type error. The keys are built in `src/bindings/`; `mypy.stubtest` (`make lint`) checks the
+stub against the built module.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+
+class WriteReport(TypedDict):
+    """What one `Store.write` (or `compact`) did."""
+
+    rows_written: int
+    # Rows older than the stored row of their key (newest event timestamp wins).
+    rows_ignored_older: int
+    buckets: int
+    files_added: int
+    files_removed: int
+    # Position-delete files added by merge-on-read buckets.
+    delete_files_added: int
+    # Buckets written merge-on-read (the others of `buckets` were rewritten).
+    merge_on_read_buckets: int
+    attempts: int
+    # The snapshot committed; None when nothing changed.
+    snapshot_id: int | None
+
+
+class ArrowWriteReport(WriteReport):
+    """`write_arrow`: the write reports of its chunks summed (`snapshot_id` is the last
+    chunk's), plus what was read."""
+
+    rows_read: int
+    chunks: int
+
+
+class OrphanReport(TypedDict):
+    files: int
+    bytes: int
+    # Unreferenced files kept because they are younger than `older_than_seconds`.
+    too_young: int
+    paths: list[str]
+
+
+class MigrationReport(TypedDict):
+    already_migrated: bool
+    files_read: int
+    rows_read: int
+    rows_live: int
+    # The contrib table's last metadata file (its files are left in place).
+    previous_metadata: str
+
+
+class TableStats(TypedDict):
+    snapshot_id: int | None
+    snapshots: int
+    data_files: int
+    delete_files: int
+    # Live rows: rows of the data files minus `position_deletes`.
+    records: int
+    position_deletes: int
+    data_bytes: int
+    metadata_location: str
+    metadata_log: int
+
+
+class IoStats(TypedDict):
+    metadata_bytes: int
+    metadata_requests: int
+    data_bytes: int
+    data_requests: int
+    prefetch_bytes: int
+    prefetch_requests: int
+    cache_bytes: int
+    cache_entries: int
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    index_files: int
+    index_bytes: int
+    index_rows: int
+
+
+class ExpireReport(TypedDict):
+    snapshots_expired: int
+
+
+__all__ = [
+    "ArrowWriteReport",
+    "ExpireReport",
+    "IoStats",
+    "MigrationReport",
+    "OrphanReport",
+    "TableStats",
+    "WriteReport",
+]
