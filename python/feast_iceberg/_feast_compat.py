@@ -22,6 +22,7 @@ from feast.infra.compute_engines.local.nodes import LocalOutputNode
 from feast.infra.online_stores.helpers import compute_versioned_name
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.infra.supported_async_methods import SupportedAsyncMethods
+from feast.utils import _validate_vector_field_lengths
 
 PRECOMPUTED_PREFIX = "__precomputed__"
 """Name prefix of the synthetic feature view `OnlineStore.write_precomputed_vector` writes a
@@ -48,6 +49,12 @@ def online_write_batch_size(config: Any) -> int | None:
     materialization = getattr(config, "materialization_config", None)
     size = getattr(materialization, "online_write_batch_size", None)
     return int(size) if size else None
+
+
+def validate_vector_widths(table: Any, feature_view: Any) -> None:
+    """Feast's check that a vector (vector_index) column has one width, which its proto path
+    runs in `_convert_arrow_to_proto`; ValueError when it has not."""
+    _validate_vector_field_lengths(table, feature_view)
 
 
 def materialize_one(
@@ -85,6 +92,7 @@ __all__ = [
     "is_precomputed_view",
     "materialize_one",
     "online_write_batch_size",
+    "validate_vector_widths",
     "versioned_name",
     "versioning_enabled",
 ]

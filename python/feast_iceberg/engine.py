@@ -34,6 +34,7 @@ from ._feast_compat import (
     MaterializationTask,
     materialize_one,
     online_write_batch_size,
+    validate_vector_widths,
 )
 from .online_store import IcebergOnlineStore, key_names, table_name
 
@@ -113,6 +114,8 @@ class ArrowOutputNode(LocalOutputNode):
         if columns is None:
             logger.info("feast-iceberg: %s takes Feast's proto path: no batch source", view.name)
             return False
+        # What Feast's proto path checks before converting, the native path checks too.
+        validate_vector_widths(table, view)
         store = online._store(context.repo_config)
         name = table_name(context.repo_config, view)
         why = _internal.check_arrow(store, name, table.schema, **columns)
