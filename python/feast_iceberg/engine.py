@@ -19,22 +19,24 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from feast.infra.common.materialization_job import (
-    MaterializationJobStatus,
-    MaterializationTask,
-)
-from feast.infra.compute_engines.dag.context import ExecutionContext
-from feast.infra.compute_engines.local.arrow_table_value import ArrowTableValue
-from feast.infra.compute_engines.local.compute import LocalComputeEngine
-from feast.infra.compute_engines.local.feature_builder import LocalFeatureBuilder
-from feast.infra.compute_engines.local.job import LocalMaterializationJob
-from feast.infra.compute_engines.local.nodes import LocalOutputNode
-from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel
 from pydantic import Field, StrictStr
 
 from . import _internal
-from .online_store import IcebergOnlineStore, table_name
+from ._feast_compat import (
+    ArrowTableValue,
+    BaseRegistry,
+    ExecutionContext,
+    LocalComputeEngine,
+    LocalFeatureBuilder,
+    LocalMaterializationJob,
+    LocalOutputNode,
+    MaterializationTask,
+    materialize_one,
+    online_write_batch_size,
+    validate_vector_widths,
+)
+from .online_store import IcebergOnlineStore, key_names, table_name
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +70,12 @@ def source_columns(feature_view: Any) -> dict[str, Any] | None:
     source = getattr(feature_view, "batch_source", None)
     if source is None:
         return None
+    keys = key_names(feature_view)
     return {
         "join_keys": [(c.name, c.name) for c in feature_view.entity_columns],
-        "features": [(f.name, f.name) for f in feature_view.features],
+        # A join key listed among the features too (Feast's registry does that for stream
+        # views) is a key column, never a feature column.
+        "features": [(f.name, f.name) for f in feature_view.features if f.name not in keys],
         "event_ts": source.timestamp_field,
         "created_ts": source.created_timestamp_column or None,
     }
@@ -109,13 +114,19 @@ class ArrowOutputNode(LocalOutputNode):
         if columns is None:
             logger.info("feast-iceberg: %s takes Feast's proto path: no batch source", view.name)
             return False
+        # What Feast's proto path checks before converting, the native path checks too.
+        validate_vector_widths(table, view)
         store = online._store(context.repo_config)
         name = table_name(context.repo_config, view)
         why = _internal.check_arrow(store, name, table.schema, **columns)
         if why is not None:
             logger.info("feast-iceberg: %s takes Feast's proto path: %s", view.name, why)
             return False
-        report = _internal.write_arrow(store, name, table, chunk_rows=self.chunk_rows, **columns)
+        # Feast's `materialization_config.online_write_batch_size` caps the rows per write, as
+        # in its own output step; within it, `chunk_rows` does.
+        batch_size = online_write_batch_size(context.repo_config)
+        chunk_rows = min(self.chunk_rows, batch_size) if batch_size else self.chunk_rows
+        report = _internal.write_arrow(store, name, table, chunk_rows=chunk_rows, **columns)
         logger.debug("feast-iceberg wrote %s natively: %s", view.name, report)
         return True
 
@@ -144,20 +155,10 @@ class IcebergArrowEngine(LocalComputeEngine):
     def _materialize_one(
         self, registry: BaseRegistry, task: MaterializationTask, **kwargs: Any
     ) -> LocalMaterializationJob:
-        # LocalComputeEngine._materialize_one with our feature builder: Feast builds its
-        # LocalFeatureBuilder inline, so the builder is the one thing to swap.
-        job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
-        context = self.get_execution_context(registry, task)
-        try:
-            builder = _ArrowFeatureBuilder(
-                registry, task, self._get_backend(context), self.config.chunk_rows
-            )
-            builder.build().execute(context)
-            return LocalMaterializationJob(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED)
-        except Exception as e:  # Feast's contract: the job carries the error, the caller raises
-            return LocalMaterializationJob(
-                job_id=job_id, status=MaterializationJobStatus.ERROR, error=e
-            )
+        def builder(registry: BaseRegistry, task: Any, backend: Any) -> _ArrowFeatureBuilder:
+            return _ArrowFeatureBuilder(registry, task, backend, self.config.chunk_rows)
+
+        return materialize_one(self, registry, task, builder)
 
 
 __all__ = ["ArrowOutputNode", "IcebergArrowEngine", "IcebergArrowEngineConfig", "source_columns"]

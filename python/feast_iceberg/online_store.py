@@ -18,15 +18,20 @@ from typing import Any, NoReturn
 
 from feast import Entity, FeatureView
 from feast.infra.online_stores.online_store import OnlineStore
-from feast.infra.supported_async_methods import SupportedAsyncMethods
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import RepeatedValue
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 
 from . import _internal
+from ._feast_compat import (
+    SupportedAsyncMethods,
+    is_precomputed_view,
+    versioned_name,
+    versioning_enabled,
+)
 from .config import IcebergOnlineStoreConfig
-from .exceptions import ConfigError, SchemaMismatchError
+from .exceptions import ConfigError, SchemaMismatchError, TableNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +47,23 @@ _serialize = ValueProto.SerializeToString
 
 
 def table_name(config: RepoConfig, feature_view: FeatureView) -> str:
-    """The contrib store's naming, so users find their tables where they were."""
-    return f"{config.project}_{feature_view.name}_online"
+    """The contrib store's naming, so users find their tables where they were. With
+    `registry.enable_online_feature_view_versioning`, the view's name carries Feast's `_v{N}`
+    suffix (`{project}_{name}_v{N}_online`; version 0 keeps the unversioned table)."""
+    return f"{config.project}_{versioned_name(feature_view, versioning_enabled(config))}_online"
+
+
+def key_names(feature_view: Any) -> set[str]:
+    """The view's join keys: each is a key column of the table, never a feature column, even
+    where Feast also lists it among the view's features (its registry does for stream views
+    whose schema names the join key)."""
+    return {c.name for c in getattr(feature_view, "entity_columns", None) or ()}
+
+
+def feature_fields(feature_view: Any) -> list[Any]:
+    """The view's features that are stored as feature columns: all but its join keys."""
+    keys = key_names(feature_view)
+    return [f for f in feature_view.features if f.name not in keys]
 
 
 def _to_micros(ts: datetime) -> int:
@@ -131,23 +151,34 @@ class IcebergOnlineStore(OnlineStore):
     ) -> None:
         if not data:
             return
-        names = [f.name for f in table.features]
+        names = [f.name for f in feature_fields(table)]
         # Column-wise passes with map/itemgetter: one C-level pass per column instead of a
         # bytecode loop over 1M cells (100k rows x 10 features), about halving the time spent
         # before Rust takes over.
         rows = list(map(itemgetter(1), data))
         if set(map(len, rows)) != {len(names)}:
-            _raise_first_row_mismatch(table, names, rows)
+            # Rows may also carry join keys as features (on-demand views written to the online
+            # store, views whose schema names the join key): the key holds them already.
+            _check_rows(table, names, data)
         try:
             values = list(map(_serialize, _cells(rows, names)))
         except KeyError:
-            _raise_first_row_mismatch(table, names, rows)
+            _check_rows(table, names, data)
+            raise
         keys = list(map(_serialize, map(itemgetter(0), data)))
         event_ts = list(map(_to_micros, map(itemgetter(2), data)))
         created_ts = list(map(_optional_micros, map(itemgetter(3), data)))
-        report = self._store(config).write(
-            table_name(config, table), names, keys, values, event_ts, created_ts
-        )
+        store = self._store(config)
+        name = table_name(config, table)
+        try:
+            report = store.write(name, names, keys, values, event_ts, created_ts)
+        except TableNotFoundError:
+            if not is_precomputed_view(table):
+                raise
+            # Feast writes a feature service's precomputed vectors through a synthetic view
+            # that never goes through update(): its table is created on first write.
+            store.ensure_table(name, [], _column_types(feature_fields(table)))
+            report = store.write(name, names, keys, values, event_ts, created_ts)
         logger.debug("feast-iceberg wrote %s: %s", table.name, report)
         if progress:
             progress(len(data))
@@ -161,9 +192,23 @@ class IcebergOnlineStore(OnlineStore):
         requested_features: list[str] | None = None,
     ) -> ReadResult:
         keys = [k.SerializeToString() for k in entity_keys]
-        names, timestamps, rows = self._store(config).read(
-            table_name(config, table), keys, requested_features, _not_before(config, table)
-        )
+        view_keys = key_names(table)
+        # A join key Feast asks for as a feature is answered from the entity key itself.
+        if requested_features is None:
+            wanted_keys = [f.name for f in table.features if f.name in view_keys]
+            features = None
+        else:
+            wanted_keys = [n for n in requested_features if n in view_keys]
+            features = [n for n in requested_features if n not in view_keys]
+        try:
+            names, timestamps, rows = self._store(config).read(
+                table_name(config, table), keys, features, _not_before(config, table)
+            )
+        except TableNotFoundError:
+            if not is_precomputed_view(table):
+                raise
+            # No precomputed vector was written yet for this feature service.
+            return [(None, None)] * len(entity_keys)
         # One message per row: Feast gets each feature as a Value of the row's RepeatedValue.
         # Expired rows (enforce_ttl) already come back as None, so they cost no parse here.
         # The core returns one value per name; zip(strict=True) would cost 2 us per row here.
@@ -174,6 +219,8 @@ class IcebergOnlineStore(OnlineStore):
                 result.append((None, None))
             else:
                 result.append((_from_micros(ts), dict(zip(names, parse(row).val, strict=False))))
+        if wanted_keys:
+            _add_key_values(result, entity_keys, wanted_keys)
         return result
 
     async def online_read_async(
@@ -188,9 +235,23 @@ class IcebergOnlineStore(OnlineStore):
             self.online_read, config, table, entity_keys, requested_features
         )
 
+    async def online_write_batch_async(
+        self,
+        config: RepoConfig,
+        table: FeatureView,
+        data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
+        progress: Callable[[int], Any] | None,
+    ) -> None:
+        # As for reads: the Rust write and commit release the GIL.
+        await asyncio.to_thread(self.online_write_batch, config, table, data, progress)
+
     @property
     def async_supported(self) -> SupportedAsyncMethods:
-        return SupportedAsyncMethods(read=True)
+        return SupportedAsyncMethods(read=True, write=True)
+
+    def _is_versioned_read_supported(self) -> bool:
+        # Reads of `feature_view@vN:feature` go to the table of that version (table_name).
+        return True
 
     # ---- lifecycle ------------------------------------------------------------------------
     def update(
@@ -207,7 +268,7 @@ class IcebergOnlineStore(OnlineStore):
             store.ensure_table(
                 table_name(config, fv),
                 _column_types(fv.entity_columns),
-                _column_types(fv.features),
+                _column_types(feature_fields(fv)),
             )
         for fv in tables_to_delete:
             store.drop_table(table_name(config, fv))
@@ -232,15 +293,36 @@ def _cells(rows: list[dict[str, ValueProto]], names: list[str]) -> Iterable[Valu
     return chain.from_iterable(map(itemgetter(*names), rows))
 
 
-def _raise_first_row_mismatch(
-    table: FeatureView, names: list[str], rows: list[dict[str, ValueProto]]
-) -> NoReturn:
-    """Raises for the first row whose features are not exactly `names`."""
+def _check_rows(
+    table: FeatureView,
+    names: list[str],
+    data: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]],
+) -> None:
+    """Raises for the first row that lacks one of `names` or carries a name that is neither
+    a feature nor a join key (of the view or of the row's entity key); extra join keys are
+    ignored, the entity key holds them."""
     expected = set(names)
-    for row in rows:
-        if row.keys() != expected:
-            _raise_row_mismatch(table, names, row)
-    raise AssertionError("no row mismatches the feature view")  # callers found one
+    view_keys = key_names(table)
+    for key, row, *_ in data:
+        if row.keys() == expected:
+            continue
+        extra = row.keys() - expected
+        if expected <= row.keys() and extra <= view_keys.union(key.join_keys):
+            continue
+        _raise_row_mismatch(table, names, row)
+
+
+def _add_key_values(
+    result: ReadResult, entity_keys: list[EntityKeyProto], names: list[str]
+) -> None:
+    """Adds each requested join key's value, taken from the row's entity key, to found rows."""
+    for (_, features), key in zip(result, entity_keys, strict=True):
+        if features is None:
+            continue
+        join_keys = list(key.join_keys)
+        for name in names:
+            if name in join_keys:
+                features[name] = key.entity_values[join_keys.index(name)]
 
 
 def _raise_row_mismatch(

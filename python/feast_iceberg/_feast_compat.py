@@ -1,0 +1,98 @@
+"""Every use of Feast internals (anything outside Feast's documented `OnlineStore` and
+`FeatureStore` interfaces) in one place.
+
+The package is pinned to the Feast minor release these were checked against (pyproject.toml);
+`tests/test_feast_compat.py` holds one test per name here that fails when Feast changes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from feast.infra.common.materialization_job import (
+    MaterializationJobStatus,
+    MaterializationTask,
+)
+from feast.infra.compute_engines.dag.context import ExecutionContext
+from feast.infra.compute_engines.local.arrow_table_value import ArrowTableValue
+from feast.infra.compute_engines.local.compute import LocalComputeEngine
+from feast.infra.compute_engines.local.feature_builder import LocalFeatureBuilder
+from feast.infra.compute_engines.local.job import LocalMaterializationJob
+from feast.infra.compute_engines.local.nodes import LocalOutputNode
+from feast.infra.online_stores.helpers import compute_versioned_name
+from feast.infra.registry.base_registry import BaseRegistry
+from feast.infra.supported_async_methods import SupportedAsyncMethods
+from feast.utils import _validate_vector_field_lengths
+
+PRECOMPUTED_PREFIX = "__precomputed__"
+"""Name prefix of the synthetic feature view `OnlineStore.write_precomputed_vector` writes a
+feature service's precomputed vectors through (Feast >= 0.64); never passed to `update()`."""
+
+
+def versioned_name(feature_view: Any, enabled: bool) -> str:
+    """The view's name with Feast's `_v{N}` suffix when online versioning is on (the version
+    a read asks for through its projection, else the view's current one; none for v0)."""
+    return str(compute_versioned_name(feature_view, enabled))
+
+
+def versioning_enabled(config: Any) -> bool:
+    """`registry.enable_online_feature_view_versioning` of a RepoConfig."""
+    return bool(getattr(config.registry, "enable_online_feature_view_versioning", False))
+
+
+def is_precomputed_view(feature_view: Any) -> bool:
+    return str(feature_view.name).startswith(PRECOMPUTED_PREFIX)
+
+
+def online_write_batch_size(config: Any) -> int | None:
+    """`materialization_config.online_write_batch_size` of a RepoConfig (None: one batch)."""
+    materialization = getattr(config, "materialization_config", None)
+    size = getattr(materialization, "online_write_batch_size", None)
+    return int(size) if size else None
+
+
+def validate_vector_widths(table: Any, feature_view: Any) -> None:
+    """Feast's check that a vector (vector_index) column has one width, which its proto path
+    runs in `_convert_arrow_to_proto`; ValueError when it has not."""
+    _validate_vector_field_lengths(table, feature_view)
+
+
+def materialize_one(
+    engine: LocalComputeEngine,
+    registry: BaseRegistry,
+    task: MaterializationTask,
+    builder: Any,
+) -> LocalMaterializationJob:
+    """`LocalComputeEngine._materialize_one` with another feature builder: Feast builds its
+    `LocalFeatureBuilder` inline, so the builder (a callable `(registry, task, backend)`) is
+    the one thing swapped. The job carries any error; Feast's caller raises it."""
+    job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
+    context = engine.get_execution_context(registry, task)
+    try:
+        builder(registry, task, engine._get_backend(context)).build().execute(context)
+        return LocalMaterializationJob(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED)
+    except Exception as e:
+        return LocalMaterializationJob(
+            job_id=job_id, status=MaterializationJobStatus.ERROR, error=e
+        )
+
+
+__all__ = [
+    "PRECOMPUTED_PREFIX",
+    "ArrowTableValue",
+    "BaseRegistry",
+    "ExecutionContext",
+    "LocalComputeEngine",
+    "LocalFeatureBuilder",
+    "LocalMaterializationJob",
+    "LocalOutputNode",
+    "MaterializationJobStatus",
+    "MaterializationTask",
+    "SupportedAsyncMethods",
+    "is_precomputed_view",
+    "materialize_one",
+    "online_write_batch_size",
+    "validate_vector_widths",
+    "versioned_name",
+    "versioning_enabled",
+]
