@@ -198,3 +198,33 @@ def test_a_cold_read_of_a_missing_key_reads_little(make_env: Callable[..., Env])
     assert reader.read(view, [driver_key(20_001)]) == [(None, None)]
     cold = store.io_stats()
     assert cold["data_bytes"] < data_file.stat().st_size / 3, cold
+
+
+def test_a_new_snapshot_is_swapped_in_warm(make_env: Callable[..., Env]) -> None:
+    # Another process rewrites every file; the reader keeps serving, revalidates in the
+    # background, and switches only once the new files' indexes and hot row groups are loaded.
+    writer = make_env(partition_count=2)
+    view = driver_view()
+    writer.apply(view)
+    ids = list(range(5_000))
+    writer.write(view, [driver_row(i, 1) for i in ids])
+    online = {**writer.online, "metadata_refresh_seconds": 0.2}
+    reader = Env(writer.repo, repo_config(writer.repo, **online), type(writer.store)(), online)
+    store = reader.store._store(reader.config)
+    keys = [driver_key(i) for i in ids]
+    assert [trips(r) for r in reader.read(view, keys)] == [
+        expected_values(i, 1)["trips"] for i in ids
+    ]
+
+    writer.write(view, [driver_row(i, 2) for i in ids])  # copy-on-write: every file replaced
+    want = [expected_values(i, 2)["trips"] for i in ids]
+    deadline = time.monotonic() + 10
+    while [trips(r) for r in reader.read(view, keys)] != want:
+        assert time.monotonic() < deadline, "the reader never saw the new snapshot"
+        time.sleep(0.05)
+    swapped = store.io_stats(reset=True)
+    assert swapped["prefetch_requests"] > 0, swapped
+    # Everything the reader had cached was hot: the new files' row groups came in with the swap.
+    assert [trips(r) for r in reader.read(view, keys)] == want
+    after = store.io_stats()
+    assert after["data_requests"] == 0 and after["metadata_requests"] == 0, after
