@@ -222,8 +222,9 @@ impl Store {
                 checked_at: Instant::now(),
             }),
             // The catalog sent the metadata along: no need to read it from storage again.
-            (_, Some(metadata)) => Arc::new(
-                TableState::from_metadata(
+            (_, Some(metadata)) => {
+                let location = loaded.location.clone();
+                match TableState::from_metadata(
                     &self.file_io,
                     &self.io.metadata,
                     id.clone(),
@@ -231,38 +232,56 @@ impl Store {
                     Arc::from(metadata),
                 )
                 .await
-                .map_err(|e| e.missing_is_corrupt(id))?,
-            ),
+                {
+                    Ok(state) => Arc::new(state),
+                    // A manifest list or manifest vanished between the catalog's answer and our
+                    // read: another writer committed and expired that snapshot. Load what the
+                    // catalog names now; only if it still names the same metadata is the table
+                    // damaged.
+                    Err(Error::FileNotFound(detail)) => {
+                        match self.catalog().await?.metadata_location(id).await? {
+                            Some(now) if now != location => {
+                                Arc::new(self.load_state(id, now).await?)
+                            }
+                            Some(_) => return Err(Error::corrupt(id, detail)),
+                            None => return Err(Error::TableNotFound(id.to_string())),
+                        }
+                    }
+                    Err(e) => return Err(e.in_table(id)),
+                }
+            }
             (_, None) => Arc::new(self.load_state(id, loaded.location).await?),
         };
         self.remember_snapshot(&state);
         Ok(state)
     }
 
-    /// Loads a metadata version. If it vanished between the catalog lookup and the read,
-    /// another writer replaced and deleted it: load the one the catalog names now.
-    async fn load_state(&self, id: &TableId, location: String) -> Result<TableState> {
-        match TableState::load(
-            &self.file_io,
-            &self.io.metadata,
-            id.clone(),
-            location.clone(),
-        )
-        .await
-        {
-            Err(Error::FileNotFound(detail)) => {
-                match self.catalog().await?.metadata_location(id).await? {
-                    Some(now) if now != location => {
-                        TableState::load(&self.file_io, &self.io.metadata, id.clone(), now)
-                            .await
-                            .map_err(|e| e.missing_is_corrupt(id))
+    /// Loads a metadata version. If it (or a manifest it names) vanished between the catalog
+    /// lookup and the read, another writer replaced and expired it: load the one the catalog
+    /// names now, a few times at most while writers keep committing.
+    async fn load_state(&self, id: &TableId, mut location: String) -> Result<TableState> {
+        for _ in 0..8 {
+            match TableState::load(
+                &self.file_io,
+                &self.io.metadata,
+                id.clone(),
+                location.clone(),
+            )
+            .await
+            {
+                Err(Error::FileNotFound(detail)) => {
+                    match self.catalog().await?.metadata_location(id).await? {
+                        Some(now) if now != location => location = now,
+                        Some(_) => return Err(Error::corrupt(id, detail)),
+                        None => return Err(Error::TableNotFound(id.to_string())),
                     }
-                    Some(_) => Err(Error::corrupt(id, detail)),
-                    None => Err(Error::TableNotFound(id.to_string())),
                 }
+                other => return other.map_err(|e| e.in_table(id)),
             }
-            other => other.map_err(|e| e.in_table(id)),
         }
+        Err(Error::catalog(format!(
+            "{id} changed under every one of 8 loads (other writers committing and expiring)"
+        )))
     }
 
     fn remember_snapshot(&self, state: &TableState) {
