@@ -446,8 +446,14 @@ impl Store {
                 "write.parquet.bloom-filter-fpp.column.entity_key",
                 "0.05".to_string(),
             ),
-            ("write.parquet.row-group-limit", "16384".to_string()),
-            ("write.parquet.page-row-limit", "1024".to_string()),
+            (
+                "write.parquet.row-group-limit",
+                crate::write::ROW_GROUP_ROWS.to_string(),
+            ),
+            (
+                "write.parquet.page-row-limit",
+                crate::write::ROW_GROUP_ROWS.to_string(),
+            ),
             ("write.distribution-mode", "hash".to_string()),
             (
                 "write.metadata.delete-after-commit.enabled",

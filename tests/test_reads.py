@@ -137,11 +137,12 @@ def test_a_cold_read_reads_one_row_group(make_env: Callable[..., Env]) -> None:
     store = reader.store._store(reader.config)
     assert trips(reader.read(view, [driver_key(12_345)])[0]) == expected_values(12_345, 1)["trips"]
     cold = store.io_stats(reset=True)
-    # The footer (the file's key index) and one row group: one request each, under 64 KiB.
+    # The file's tail (footer and bloom filters: its key index) and one row group: one
+    # request each. The tail read is sized from the row count, ~1.7 KiB per row group.
     assert cold["data_requests"] == 2, cold
     footer = int.from_bytes(data_file.read_bytes()[-8:-4], "little")
     assert footer < file_size / 4, (footer, file_size)
-    assert 0 < cold["data_bytes"] <= footer + 8 + 24 * 1024, (cold, footer)
+    assert 0 < cold["data_bytes"] <= 40 * 1700 + 8 * 1024 + 24 * 1024, (cold, footer)
     assert cold["data_bytes"] < file_size / 2, (cold, file_size)
     assert cold["metadata_requests"] == 3  # metadata.json, manifest list, manifest
     assert cold["index_files"] == 1 and cold["index_rows"] == 20_000, cold
@@ -187,6 +188,38 @@ def test_reads_past_the_cache_budget_stay_exact(make_env: Callable[..., Env]) ->
     assert stats["cache_evictions"] > 0 and stats["cache_misses"] > 100, stats
 
 
+def test_bloom_filters_keep_a_read_to_the_file_holding_the_key(
+    make_env: Callable[..., Env],
+) -> None:
+    # One bucket of four files (one large, three merge-on-read adds of new keys). Keys are
+    # hashed into the bucket, so every file's key range spans the bucket's keys: by range
+    # alone, a key absent from a file would cost that file's row group all the same.
+    writer = make_env(partition_count=1, merge_on_read_max_fraction=1.0)
+    view = driver_view()
+    writer.apply(view)
+    writer.write(view, [driver_row(i, 1) for i in range(20_000)])
+    for first in (20_000, 22_000, 24_000):
+        writer.write(view, [driver_row(i, 1) for i in range(first, first + 2_000)])
+    files = [p for p in writer.warehouse_files() if p.suffix == ".parquet"]
+    assert len(files) == 4, files
+
+    reader = Env(writer.repo, writer.config, type(writer.store)())
+    store = reader.store._store(reader.config)
+    absent = list(range(100_000, 100_040))
+    assert reader.read(view, [driver_key(i) for i in absent]) == [(None, None)] * 40
+    cold = store.io_stats(reset=True)
+    # Without the filters: 40 keys x 4 files of candidate row groups, most of the 52 decoded.
+    assert cold["cache_misses"] <= 8, cold
+    # Each file's index (footer and filters) is still one read; adjacent row groups share one.
+    assert cold["data_requests"] <= 4 + cold["cache_misses"], cold
+
+    present = [5, 19_999, 20_001, 23_999, 25_999]
+    results = reader.read(view, [driver_key(i) for i in present])
+    assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in present]
+    # The cache counters count from the store's start.
+    assert store.io_stats()["cache_misses"] - cold["cache_misses"] <= len(present) + 2
+
+
 def test_a_cold_read_of_a_missing_key_reads_little(make_env: Callable[..., Env]) -> None:
     writer = make_env(partition_count=1)
     view = driver_view()
@@ -197,7 +230,10 @@ def test_a_cold_read_of_a_missing_key_reads_little(make_env: Callable[..., Env])
     store = reader.store._store(reader.config)
     assert reader.read(view, [driver_key(20_001)]) == [(None, None)]
     cold = store.io_stats()
-    assert cold["data_bytes"] < data_file.stat().st_size / 3, cold
+    # The file's tail (footer and bloom filters) only: the filter rules the key out, so the
+    # row group its range points at is never fetched.
+    assert cold["data_requests"] == 1 and cold["cache_misses"] == 0, cold
+    assert cold["data_bytes"] < data_file.stat().st_size / 2, cold
 
 
 def test_a_new_snapshot_is_swapped_in_warm(make_env: Callable[..., Env]) -> None:

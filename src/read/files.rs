@@ -61,7 +61,7 @@ impl CountingReader {
         }
     }
 
-    async fn read(&self, range: Range<u64>) -> Result<Bytes> {
+    pub(super) async fn read(&self, range: Range<u64>) -> Result<Bytes> {
         let len = usize::try_from(range.end - range.start).unwrap_or(usize::MAX);
         let bytes = self.inner.read(range).await?;
         self.counter().add(len);
@@ -122,9 +122,9 @@ pub fn merge_ranges(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
 /// Bytes fetched from a file at `offset`, served to parquet's sync reader as if they were
 /// the file: the decoder asks for column chunks by file offset.
 #[derive(Clone)]
-struct Fetched {
-    offset: u64,
-    bytes: Bytes,
+pub(super) struct Fetched {
+    pub(super) offset: u64,
+    pub(super) bytes: Bytes,
 }
 
 impl Length for Fetched {
@@ -134,6 +134,25 @@ impl Length for Fetched {
 }
 
 impl Fetched {
+    /// Whether `start..start + len` of the file is in hand.
+    pub(super) fn holds(&self, start: u64, len: u64) -> bool {
+        start >= self.offset && start.saturating_add(len) <= self.len()
+    }
+
+    /// Extends the bytes in hand back to `start` of the file (one more read).
+    pub(super) async fn extend_back(&mut self, reader: &CountingReader, start: u64) -> Result<()> {
+        if start >= self.offset {
+            return Ok(());
+        }
+        let before = reader.read(start..self.offset).await?;
+        let mut joined = Vec::with_capacity(before.len() + self.bytes.len());
+        joined.extend_from_slice(&before);
+        joined.extend_from_slice(&self.bytes);
+        self.offset = start;
+        self.bytes = Bytes::from(joined);
+        Ok(())
+    }
+
     fn slice(&self, start: u64, len: usize) -> parquet::errors::Result<Bytes> {
         let from = start
             .checked_sub(self.offset)
@@ -486,6 +505,28 @@ impl DataFiles {
                 best
             })
             .collect())
+    }
+
+    /// How many of `keys` one of `files` may hold, by key index alone (ranges and bloom
+    /// filters: an upper bound, ~3% of absent keys per file pass): what a write may replace,
+    /// known before any row group is read.
+    pub async fn maybe_held(
+        &self,
+        file_io: &FileIO,
+        files: &[Arc<LiveFile>],
+        keys: &[&[u8]],
+        io: &Arc<IoStats>,
+    ) -> Result<usize> {
+        let indexes = futures::future::try_join_all(
+            files
+                .iter()
+                .map(|f| self.index(file_io, f, io, Fill::Cache)),
+        )
+        .await?;
+        Ok(keys
+            .iter()
+            .filter(|k| indexes.iter().any(|i| i.may_hold(k)))
+            .count())
     }
 
     /// The decoded position deletes of one delete file, loaded now if not cached.

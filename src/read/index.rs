@@ -1,9 +1,9 @@
 //! The per-file key index: which row group of a data file may hold a key, where that row
 //! group's bytes lie, and the footer needed to decode it. RocksDB's index block, for Parquet.
 //!
-//! It is derived from the file's own footer (row-group statistics of `entity_key`), so it is
-//! exactly as immutable as the file and never needs writing anywhere: the table stays plain
-//! Iceberg. Our writer keeps row groups small (`write::ROW_GROUP_ROWS`) and sorted by key, so
+//! It is derived from the file's own footer (row-group statistics of `entity_key`) and the
+//! key column's Parquet bloom filters, so it is exactly as immutable as the file and never
+//! needs writing anywhere: the table stays plain Iceberg. Our writer keeps row groups small (`write::ROW_GROUP_ROWS`) and sorted by key, so
 //! a key maps to one row group, and one row group is one contiguous byte range: a miss costs
 //! one ranged read and the decode of one row group, never the whole file.
 
@@ -11,12 +11,14 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::bloom_filter::Sbbf;
+use parquet::file::FOOTER_SIZE;
 use parquet::file::metadata::{
-    PageIndexPolicy, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader,
+    FooterTail, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader,
 };
 use parquet::file::statistics::Statistics;
 
-use super::files::CountingReader;
+use super::files::{CountingReader, Fetched};
 use crate::error::{Error, Result};
 use crate::schema::ENTITY_KEY;
 
@@ -28,6 +30,11 @@ pub type KeyRange = (Box<[u8]>, Box<[u8]>);
 pub struct RowGroupEntry {
     /// `entity_key` range; None when the writer kept no statistics (every key may be here).
     pub keys: Option<KeyRange>,
+    /// The row group's bloom filter of `entity_key`: a key inside the range but not in the
+    /// filter is not here. A bucket holds several files whose key ranges all span the key
+    /// space (keys are hashed into buckets, then sorted), so without it every file of the
+    /// bucket would be a candidate for every key.
+    pub filter: Option<Sbbf>,
     /// Position of the row group's first row in the file (position deletes count from it).
     pub first_row: u64,
     pub rows: usize,
@@ -105,42 +112,102 @@ fn without_statistics(meta: &ParquetMetaData) -> Result<Arc<ParquetMetaData>> {
     ))
 }
 
+/// Bytes at the end of one of our files per row group: ~1.1 KiB of footer (13 columns) and
+/// the key column's bloom filter (512 bytes and its header), written together at the end.
+const TAIL_BYTES_PER_ROW_GROUP: u64 = 1700;
+
+/// Where the key column's bloom filter of each row group lies, if it has one.
+fn bloom_ranges(meta: &ParquetMetaData, column: usize) -> Vec<Option<Range<u64>>> {
+    meta.row_groups()
+        .iter()
+        .map(|rg| {
+            let c = rg.column(column);
+            let start = u64::try_from(c.bloom_filter_offset()?).ok()?;
+            let len = u64::try_from(c.bloom_filter_length()?).ok()?;
+            Some(start..start.saturating_add(len))
+        })
+        .collect()
+}
+
+fn key_column(meta: &ParquetMetaData, path: &str) -> Result<usize> {
+    meta.file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.path().string() == ENTITY_KEY)
+        .ok_or_else(|| Error::corrupt(path, "data file has no entity_key column"))
+}
+
 impl FileIndex {
-    /// Reads the footer of `path` (`size` bytes, `rows` rows as its manifest entry says) and
-    /// indexes its row groups.
-    pub async fn load(
-        mut reader: CountingReader,
-        path: &str,
-        size: u64,
-        rows: u64,
-    ) -> Result<Self> {
-        // Our footers take ~1 KiB per row group (13 columns): guess from the row count so the
-        // footer is one read, without reading far past it.
+    /// Reads the tail of `path` (`size` bytes, `rows` rows as its manifest entry says): the
+    /// footer and the key column's bloom filters, and indexes its row groups.
+    ///
+    /// Our writer puts every bloom filter right before the footer, so the whole index is one
+    /// read from the end of the file, sized from the row count. Files of other writers whose
+    /// filters lie spread over the file are indexed by key range alone.
+    pub async fn load(reader: CountingReader, path: &str, size: u64, rows: u64) -> Result<Self> {
         let row_groups = rows.div_ceil(crate::write::ROW_GROUP_ROWS as u64);
-        let hint = row_groups.saturating_mul(1100).saturating_add(8 * 1024);
-        let meta = ParquetMetaDataReader::new()
-            .with_prefetch_hint(Some(usize::try_from(hint).unwrap_or(usize::MAX)))
-            .with_page_index_policy(PageIndexPolicy::Skip)
-            .load_and_finish(&mut reader, size)
-            .await?;
-        Self::new(path, Arc::new(meta))
+        let guess = row_groups
+            .saturating_mul(TAIL_BYTES_PER_ROW_GROUP)
+            .saturating_add(8 * 1024)
+            .min(size);
+        let mut tail = Fetched {
+            offset: size - guess,
+            bytes: reader.read(size - guess..size).await?,
+        };
+        if tail.bytes.len() < FOOTER_SIZE {
+            return Err(Error::corrupt(path, "shorter than a parquet footer"));
+        }
+        let last = &tail.bytes[tail.bytes.len() - FOOTER_SIZE..];
+        let footer_len = FooterTail::try_from(last)?.metadata_length() as u64;
+        let footer_start = size
+            .checked_sub(footer_len + FOOTER_SIZE as u64)
+            .ok_or_else(|| Error::corrupt(path, "footer longer than the file"))?;
+        tail.extend_back(&reader, footer_start).await?;
+        let from = usize::try_from(footer_start - tail.offset).unwrap_or(usize::MAX);
+        let meta = ParquetMetaDataReader::decode_metadata(
+            &tail.bytes[from..tail.bytes.len() - FOOTER_SIZE],
+        )?;
+        let column = key_column(&meta, path)?;
+        let ranges = bloom_ranges(&meta, column);
+        // Filters written together before the footer are worth one more read if the guess
+        // fell short; filters spread over the file (other writers) are not.
+        let filter_bytes: u64 = ranges.iter().flatten().map(|r| r.end - r.start).sum();
+        if let Some(first) = ranges.iter().flatten().map(|r| r.start).min()
+            && tail.offset.saturating_sub(first) <= filter_bytes + 64 * 1024
+        {
+            tail.extend_back(&reader, first).await?;
+        }
+        let mut filters = Vec::with_capacity(ranges.len());
+        for (rg, range) in ranges.iter().enumerate() {
+            let filter = match range {
+                Some(r) if tail.holds(r.start, r.end - r.start) => {
+                    Sbbf::read_from_column_chunk(meta.row_group(rg).column(column), &tail)?
+                }
+                _ => None,
+            };
+            filters.push(filter);
+        }
+        Self::new(path, Arc::new(meta), filters)
     }
 
-    pub fn new(path: &str, meta: Arc<ParquetMetaData>) -> Result<Self> {
-        let column = meta
-            .file_metadata()
-            .schema_descr()
-            .columns()
-            .iter()
-            .position(|c| c.path().string() == ENTITY_KEY)
-            .ok_or_else(|| Error::corrupt(path, "data file has no entity_key column"))?;
+    /// Indexes a footer; `filters` are the key column's bloom filters per row group (None
+    /// where a row group has none, or is empty when none is known).
+    pub fn new(
+        path: &str,
+        meta: Arc<ParquetMetaData>,
+        mut filters: Vec<Option<Sbbf>>,
+    ) -> Result<Self> {
+        let column = key_column(&meta, path)?;
+        filters.resize(meta.num_row_groups(), None);
         let mut row_groups = Vec::with_capacity(meta.num_row_groups());
         let mut first_row = 0u64;
-        for rg in 0..meta.num_row_groups() {
+        for (rg, filter) in filters.into_iter().enumerate() {
             let rows = usize::try_from(meta.row_group(rg).num_rows())
                 .map_err(|_| Error::corrupt(path, "negative row count in footer"))?;
             row_groups.push(RowGroupEntry {
                 keys: key_range(&meta, rg, column),
+                filter,
                 first_row,
                 rows,
                 bytes: row_group_bytes(&meta, rg, path)?,
@@ -154,15 +221,16 @@ impl FileIndex {
                     (Some((_, hi)), Some((lo, _))) => hi < lo,
                     _ => false,
                 });
-        let keys_bytes: usize = row_groups
+        let entries_bytes: usize = row_groups
             .iter()
             .map(|g| {
                 std::mem::size_of::<RowGroupEntry>()
                     + g.keys.as_ref().map_or(0, |(lo, hi)| lo.len() + hi.len())
+                    + g.filter.as_ref().map_or(0, |f| f.num_blocks() * 32)
             })
             .sum();
         let meta = without_statistics(&meta)?;
-        let bytes = meta.memory_size() + keys_bytes;
+        let bytes = meta.memory_size() + entries_bytes;
         let reader_metadata = ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())?;
         Ok(Self {
             path: Arc::from(path),
@@ -179,6 +247,7 @@ impl FileIndex {
             g.keys
                 .as_ref()
                 .is_none_or(|(lo, hi)| key >= &lo[..] && key <= &hi[..])
+                && g.filter.as_ref().is_none_or(|f| f.check(key))
         };
         if self.sorted {
             // The last row group starting at or before the key is the only candidate.
@@ -193,6 +262,11 @@ impl FileIndex {
         (0..self.row_groups.len())
             .filter(|&i| covers(&self.row_groups[i]))
             .collect()
+    }
+
+    /// Whether some row group may hold `key`.
+    pub fn may_hold(&self, key: &[u8]) -> bool {
+        !self.candidates(key).is_empty()
     }
 
     /// Row groups whose key range meets `[lo, hi]` (those without statistics always do).

@@ -32,9 +32,9 @@ use crate::table::TableState;
 /// When a write to a bucket is merge-on-read, and when it compacts the bucket instead.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MorPolicy {
-    /// Incoming rows at most this fraction of the bucket's live rows (0: never).
+    /// Stored rows a write may replace, as a fraction of the bucket's live rows (0: never).
     pub max_fraction: f64,
-    /// Data files a bucket may hold before a merge-on-read write merges its small files.
+    /// Data files (sorted runs) a bucket may hold.
     pub max_files: usize,
     /// Deleted rows over stored rows a bucket may reach after a merge-on-read write.
     pub max_delete_ratio: f64,
@@ -51,45 +51,65 @@ impl MorPolicy {
 
     /// How `shape.incoming` rows go into a bucket.
     ///
-    /// Copy-on-write for a large write (cheaper than many deletes), for an empty bucket, and
-    /// when the bucket's deleted rows would pass `max_delete_ratio` or its small files would
-    /// hold more than a quarter of its rows: the write that crosses a limit compacts the
-    /// bucket. When only the file count would pass `max_files`, the small files are merged
-    /// into one instead, leaving the large file and its deletes; that costs the small files'
-    /// rows, not the bucket's. Either way storage stays bounded however many pushes come.
+    /// What a merge-on-read write costs is the rows it adds and the stored rows it deletes,
+    /// so new keys are always cheap: they become a new sorted run of the bucket, whatever
+    /// their number. Copy-on-write is for writes that would replace more than `max_fraction`
+    /// of the live rows (cheaper than that many deletes), for an empty bucket, and when the
+    /// bucket's deleted rows would pass `max_delete_ratio`: that write compacts the bucket.
+    /// When a new run would pass `max_files`, the smallest runs are merged with it
+    /// (`runs_to_merge`), which costs those runs' rows, not the bucket's.
     pub fn mode(&self, shape: &BucketShape) -> BucketMode {
-        if self.max_fraction <= 0.0 || shape.data_files == 0 {
+        if self.max_fraction <= 0.0 || shape.run_rows.is_empty() {
             return BucketMode::CopyOnWrite;
         }
-        let stored = shape.stored_rows as f64;
-        let live = shape.stored_rows.saturating_sub(shape.deleted_rows) as f64;
-        let incoming = shape.incoming as f64;
-        // At worst every incoming row replaces a stored one.
-        let deleted_after = shape.deleted_rows as f64 + incoming;
-        let small_after =
-            shape.stored_rows.saturating_sub(shape.largest_file_rows) as f64 + incoming;
-        if incoming > self.max_fraction * live
-            || deleted_after > self.max_delete_ratio * (stored + incoming)
-            || small_after * 4.0 > stored + incoming
+        let stored: u64 = shape.run_rows.iter().sum();
+        let live = stored.saturating_sub(shape.deleted_rows) as f64;
+        let replaced = shape.replaced as f64;
+        let deleted_after = shape.deleted_rows as f64 + replaced;
+        if replaced > self.max_fraction * live
+            || deleted_after > self.max_delete_ratio * (stored + shape.incoming as u64) as f64
         {
             return BucketMode::CopyOnWrite;
         }
-        BucketMode::MergeOnRead {
-            merge_small_files: shape.data_files >= self.max_files,
+        match self.runs_to_merge(shape) {
+            n if n >= shape.run_rows.len() && n > 0 => BucketMode::CopyOnWrite,
+            merge_runs => BucketMode::MergeOnRead { merge_runs },
         }
+    }
+
+    /// How many of the bucket's smallest runs a write merges with its own (size-tiered, as
+    /// RocksDB's universal compaction): none while the bucket holds fewer than `max_files`
+    /// runs; then, smallest first, each run at most as large as the runs taken so far, and
+    /// at least enough to stay within `max_files`. A row is so rewritten about log2 of
+    /// (bucket rows / write rows) times over the bucket's life, against the bucket's size per
+    /// merge were every run folded into the largest.
+    fn runs_to_merge(&self, shape: &BucketShape) -> usize {
+        let runs = shape.run_rows.len();
+        if runs < self.max_files {
+            return 0;
+        }
+        let mut sizes = shape.run_rows.clone();
+        sizes.sort_unstable();
+        let mut taken = shape.incoming as u64;
+        let mut n = 0;
+        while n < runs && (sizes[n] <= taken || runs - n + 1 > self.max_files) {
+            taken += sizes[n];
+            n += 1;
+        }
+        n
     }
 }
 
 /// What the policy looks at of a bucket and a write.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct BucketShape {
     pub incoming: usize,
-    /// Rows of the bucket's data files, and of its largest one.
-    pub stored_rows: u64,
-    pub largest_file_rows: u64,
+    /// At most this many incoming keys have a stored row (bloom filters' estimate).
+    pub replaced: usize,
+    /// Rows of each data file (sorted run) of the bucket.
+    pub run_rows: Vec<u64>,
     /// Rows its position deletes hide.
     pub deleted_rows: u64,
-    pub data_files: usize,
 }
 
 /// How a write goes into a bucket.
@@ -97,10 +117,10 @@ pub struct BucketShape {
 pub enum BucketMode {
     /// Rewrite the bucket as one file, deletes applied and dropped.
     CopyOnWrite,
-    /// Add a data file and a position-delete file; with `merge_small_files`, the incoming rows
-    /// and the live rows of every file but the largest become one new file, and one delete
-    /// file carries all of the largest file's deletes.
-    MergeOnRead { merge_small_files: bool },
+    /// Add a data file and a position-delete file; with `merge_runs` > 0, the incoming rows
+    /// and the live rows of the bucket's `merge_runs` smallest files become one new file,
+    /// and one delete file carries all deletes of the files kept.
+    MergeOnRead { merge_runs: usize },
 }
 
 /// A live stored row of a key: its version and where it is.
@@ -365,52 +385,93 @@ mod tests {
     }
 
     #[test]
-    fn policy_prefers_merge_on_read_for_small_writes_and_compacts_past_limits() {
+    fn policy_adds_runs_for_new_keys_and_compacts_past_limits() {
         let p = MorPolicy {
             max_fraction: 0.1,
             max_files: 4,
             max_delete_ratio: 0.2,
         };
-        let shape = |incoming, deleted_rows, data_files, small_rows: u64| BucketShape {
+        let shape = |incoming, replaced, deleted_rows, run_rows: &[u64]| BucketShape {
             incoming,
-            stored_rows: 10_000,
-            largest_file_rows: 10_000 - small_rows,
+            replaced,
+            run_rows: run_rows.to_vec(),
             deleted_rows,
-            data_files,
         };
-        let mor = BucketMode::MergeOnRead {
-            merge_small_files: false,
-        };
+        let add = BucketMode::MergeOnRead { merge_runs: 0 };
         let cow = BucketMode::CopyOnWrite;
-        assert_eq!(p.mode(&shape(10, 0, 1, 0)), mor);
-        assert_eq!(p.mode(&shape(2_000, 0, 1, 0)), cow, "large write: rewrite");
+        assert_eq!(p.mode(&shape(10, 10, 0, &[10_000])), add);
         assert_eq!(
-            p.mode(&shape(10, 0, 0, 0)),
+            p.mode(&shape(20_000, 0, 0, &[10_000])),
+            add,
+            "new keys, however many: a new run"
+        );
+        assert_eq!(
+            p.mode(&shape(2_000, 1_500, 0, &[10_000])),
+            cow,
+            "replaces more than 10% of the live rows: rewrite"
+        );
+        assert_eq!(
+            p.mode(&shape(10, 0, 0, &[])),
             cow,
             "empty bucket: plain write"
         );
         assert_eq!(
-            p.mode(&shape(10, 0, 4, 30)),
-            BucketMode::MergeOnRead {
-                merge_small_files: true
-            },
-            "file limit reached: merge the small files"
-        );
-        assert_eq!(
-            p.mode(&shape(10, 1_995, 2, 30)),
+            p.mode(&shape(10, 10, 2_000, &[10_000, 30])),
             cow,
             "delete ratio would pass 20%: compact"
         );
         assert_eq!(
-            p.mode(&shape(10, 0, 3, 2_600)),
+            p.mode(&shape(10, 0, 0, &[10_000, 40, 30, 2_000])),
+            BucketMode::MergeOnRead { merge_runs: 2 },
+            "file limit: the smallest runs, each no larger than those taken (10+30 >= 40)"
+        );
+        assert_eq!(
+            p.mode(&shape(10, 0, 0, &[10_000, 5_000, 3_000, 2_000])),
+            BucketMode::MergeOnRead { merge_runs: 1 },
+            "at least enough to stay within the limit"
+        );
+        assert_eq!(
+            p.mode(&shape(5_000, 0, 0, &[1_000, 2_000, 3_000, 4_000])),
             cow,
-            "small files would pass a quarter of the rows: compact"
+            "every run merged: a rewrite"
         );
         let off = MorPolicy {
             max_fraction: 0.0,
             ..p
         };
-        assert_eq!(off.mode(&shape(1, 0, 1, 0)), cow);
+        assert_eq!(off.mode(&shape(1, 0, 0, &[10])), cow);
+    }
+
+    #[test]
+    fn size_tiered_runs_rewrite_a_row_a_few_times() {
+        // 100 writes of new keys into one bucket (a 10M-row load in 100k-row commits over 16
+        // buckets): a row is rewritten ~1.6 times, and the bucket never holds more than 8 runs.
+        let p = MorPolicy {
+            max_fraction: 0.1,
+            max_files: 8,
+            max_delete_ratio: 0.2,
+        };
+        let (mut runs, mut rewritten) = (vec![6_250u64], 0u64);
+        for _ in 1..100 {
+            let shape = BucketShape {
+                incoming: 6_250,
+                replaced: 0,
+                run_rows: runs.clone(),
+                deleted_rows: 0,
+            };
+            // Copy-on-write here is every run merged: the same rewrite.
+            let merge_runs = match p.mode(&shape) {
+                BucketMode::MergeOnRead { merge_runs } => merge_runs,
+                BucketMode::CopyOnWrite => runs.len(),
+            };
+            runs.sort_unstable();
+            let merged: u64 = runs.drain(..merge_runs).sum();
+            rewritten += merged;
+            runs.push(merged + 6_250);
+            assert!(runs.len() <= 8, "{runs:?}");
+        }
+        let amplification = rewritten as f64 / (100.0 * 6_250.0);
+        assert!(amplification < 2.0, "{amplification}");
     }
 
     #[test]

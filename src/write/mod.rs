@@ -20,7 +20,7 @@ use iceberg::writer::file_writer::location_generator::{
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::file::properties::{BloomFilterPosition, EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
@@ -52,16 +52,20 @@ pub fn writer_properties() -> WriterProperties {
         // before any data page: for unique keys and timestamps that is most of the column, so
         // a point read of one page would fetch the whole dictionary too. zstd still compresses.
         .set_dictionary_enabled(false)
-        // A row group is one page per column: a page index would only repeat the row-group
-        // statistics in the footer.
+        // A row group is one page per column: a page index (column or offset index) would
+        // only repeat what the footer says of the row group.
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_offset_index_disabled(true)
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .set_data_page_row_count_limit(ROW_GROUP_ROWS)
         .set_column_bloom_filter_enabled(ColumnPath::from(ENTITY_KEY), true)
-        // For other engines' point lookups. Sized for one row group's keys (the default
-        // assumes a million: 1 MiB of filter per row group); 512 bytes at 5% false positives.
+        // Part of our key index (read::index), and other engines' point lookups use it too.
+        // Sized for one row group's keys (the default assumes a million: 1 MiB of filter per
+        // row group): 512 bytes, ~2-3% false positives. Written next to the footer, so that
+        // the footer and every filter are one read.
         .set_column_bloom_filter_ndv(ColumnPath::from(ENTITY_KEY), ROW_GROUP_ROWS as u64)
         .set_column_bloom_filter_fpp(ColumnPath::from(ENTITY_KEY), 0.05)
+        .set_bloom_filter_position(BloomFilterPosition::End)
         .build()
 }
 
@@ -174,15 +178,15 @@ fn own_deletes(bucket: i32, delete_files: &[Arc<LiveFile>]) -> Vec<Arc<LiveFile>
 
 /// Adds `incoming[rows]` to the bucket as a new data file plus a position-delete file for the
 /// stored rows they replace. The stored rows are found like a read finds them (key index,
-/// then the row group, cached for the reads that follow), deletes applied. With `merge_small_files`
-/// the small files are folded in too (`merge_small`).
+/// then the row group, cached for the reads that follow), deletes applied. With `merge_runs`
+/// the bucket's smallest files are folded in too (`fold_runs`).
 async fn merge_on_read(
     io: &StoreIo,
     state: &TableState,
     incoming: &RecordBatch,
     rows: &[usize],
     stored: StoredBucket<'_>,
-    merge_small_files: bool,
+    merge_runs: usize,
     prefix: String,
 ) -> Result<BucketRewrite> {
     let StoredBucket {
@@ -225,8 +229,8 @@ async fn merge_on_read(
         return Ok(out);
     };
     let mut new_deletes = plan.deletes;
-    if merge_small_files {
-        let merged = merge_small(io, state, files, deletes, batch, new_deletes).await?;
+    if merge_runs > 0 {
+        let merged = fold_runs(io, state, files, merge_runs, deletes, batch, new_deletes).await?;
         (batch, new_deletes, out.removed) = merged;
         out.removed_deletes = own_deletes(bucket, delete_files);
     }
@@ -250,30 +254,24 @@ async fn merge_on_read(
     Ok(out)
 }
 
-/// Folds every file of the bucket but the largest into the rows a merge-on-read write adds:
-/// returns those rows (the small files' live rows, minus the ones `replaced` deletes, plus
-/// `winners`, sorted by key), every delete of the largest file (old and `replaced`) for one
-/// new delete file, and the small files, which the commit removes along with the bucket's
-/// delete files. Costs the small files' rows, not the bucket's.
-async fn merge_small(
+/// Folds the bucket's `n` smallest files into the rows a merge-on-read write adds: returns
+/// those rows (the folded files' live rows, minus the ones `replaced` deletes, plus
+/// `winners`, sorted by key), every delete of the files kept (old and `replaced`) for one new
+/// delete file, and the folded files, which the commit removes along with the bucket's delete
+/// files. Costs the folded files' rows, not the bucket's.
+async fn fold_runs(
     io: &StoreIo,
     state: &TableState,
     files: &[Arc<LiveFile>],
+    n: usize,
     deletes: &BucketDeletes,
     winners: RecordBatch,
     replaced: Vec<(String, u64)>,
 ) -> Result<(RecordBatch, Vec<(String, u64)>, Vec<Arc<LiveFile>>)> {
     let layout = &state.layout;
-    let Some(largest) = files.iter().max_by_key(|f| f.entry.record_count()) else {
-        return Err(Error::internal(
-            "merging the small files of an empty bucket",
-        ));
-    };
-    let small: Vec<Arc<LiveFile>> = files
-        .iter()
-        .filter(|f| f.path() != largest.path())
-        .cloned()
-        .collect();
+    let mut by_size: Vec<&Arc<LiveFile>> = files.iter().collect();
+    by_size.sort_by_key(|f| f.entry.record_count());
+    let (folded, kept) = by_size.split_at(n.min(by_size.len()));
     let replaced_in = |path: &str| -> Vec<u64> {
         replaced
             .iter()
@@ -281,8 +279,8 @@ async fn merge_small(
             .map(|(_, pos)| *pos)
             .collect()
     };
-    let mut parts = Vec::with_capacity(small.len());
-    for f in &small {
+    let mut parts = Vec::with_capacity(folded.len());
+    for f in folded {
         let batch = load_whole_file(&io.file_io, f.path(), layout, &io.stats.data).await?;
         let mut live = vec![true; batch.num_rows()];
         for p in deletes
@@ -297,21 +295,29 @@ async fn merge_small(
         let mask = arrow_array::BooleanArray::from(live);
         parts.push(arrow_select::filter::filter_record_batch(&batch, &mask)?);
     }
-    let kept = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
+    let kept_rows = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
     // The kept rows and the winners hold different keys (a winner's stored row is in
     // `replaced`), so the merge only sorts them.
     let all: Vec<usize> = (0..winners.num_rows()).collect();
-    let (merged, _) = merge_bucket(Some(&kept), &winners, &all, layout, true)?;
+    let (merged, _) = merge_bucket(Some(&kept_rows), &winners, &all, layout, true)?;
     let merged = merged.ok_or_else(|| Error::internal("forced merge returned nothing"))?;
-    let mut largest_deletes: Vec<(String, u64)> = deletes
-        .deleted_positions(largest)
-        .into_iter()
-        .chain(replaced_in(largest.path()))
-        .map(|p| (largest.path().to_string(), p))
+    let mut kept_deletes: Vec<(String, u64)> = kept
+        .iter()
+        .flat_map(|f| {
+            deletes
+                .deleted_positions(f)
+                .into_iter()
+                .chain(replaced_in(f.path()))
+                .map(|p| (f.path().to_string(), p))
+        })
         .collect();
-    largest_deletes.sort_unstable();
-    largest_deletes.dedup();
-    Ok((merged, largest_deletes, small))
+    kept_deletes.sort_unstable();
+    kept_deletes.dedup();
+    Ok((
+        merged,
+        kept_deletes,
+        folded.iter().map(|f| (*f).clone()).collect(),
+    ))
 }
 
 async fn rewrite_bucket(
@@ -332,39 +338,30 @@ async fn rewrite_bucket(
         .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
         .await?;
     let prefix = format!("{attempt_id}-b{bucket}");
-    let shape = BucketShape {
-        incoming: rows.len(),
-        stored_rows: files.iter().map(|f| f.entry.record_count()).sum(),
-        largest_file_rows: files
-            .iter()
-            .map(|f| f.entry.record_count())
-            .max()
-            .unwrap_or(0),
-        deleted_rows: deletes.deleted_rows(),
-        data_files: files.len(),
-    };
-    let mode = if force {
+    let mode = if force || files.is_empty() || io.policy.max_fraction <= 0.0 {
         BucketMode::CopyOnWrite
     } else {
-        io.policy.mode(&shape)
+        let keys = keys_of(&incoming, layout)?;
+        let wanted: Vec<&[u8]> = rows.iter().map(|&r| keys.value(r)).collect();
+        let replaced = io
+            .cache
+            .maybe_held(&io.file_io, &files, &wanted, &io.stats)
+            .await?;
+        io.policy.mode(&BucketShape {
+            incoming: rows.len(),
+            replaced,
+            run_rows: files.iter().map(|f| f.entry.record_count()).collect(),
+            deleted_rows: deletes.deleted_rows(),
+        })
     };
-    if let BucketMode::MergeOnRead { merge_small_files } = mode {
+    if let BucketMode::MergeOnRead { merge_runs } = mode {
         let stored = StoredBucket {
             id: bucket,
             files: &files,
             delete_files: &delete_files,
             deletes: &deletes,
         };
-        let done = merge_on_read(
-            &io,
-            &state,
-            &incoming,
-            &rows,
-            stored,
-            merge_small_files,
-            prefix,
-        )
-        .await?;
+        let done = merge_on_read(&io, &state, &incoming, &rows, stored, merge_runs, prefix).await?;
         return Ok(Some(done));
     }
     // Copy-on-write (also the automatic compaction of a bucket past the merge-on-read
