@@ -83,6 +83,48 @@ pub struct ViewsOutput {
     pub present: Vec<u64>,
 }
 
+/// Feast's serialized entity key of each request row for one view.
+fn view_keys(view: &ViewRead, rows: usize, decoded: &[Vec<Value>]) -> Result<LargeBinaryArray> {
+    let mut columns = Vec::with_capacity(view.join_keys.len());
+    for (name, c) in &view.join_keys {
+        columns.push(
+            decoded
+                .get(*c)
+                .ok_or_else(|| Error::input(format!("join key {name:?}: no request column {c}")))?,
+        );
+    }
+    let mut keys = LargeBinaryBuilder::with_capacity(rows, rows * 24);
+    for row in 0..rows {
+        let key = EntityKey {
+            join_keys: view
+                .join_keys
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect(),
+            entity_values: columns.iter().map(|col| col[row].clone()).collect(),
+        };
+        keys.append_value(serialize_entity_key(&key)?);
+    }
+    Ok(keys.finish())
+}
+
+/// The request's values of the join keys a view is asked for as features, owned so that
+/// the view's task can answer them.
+fn key_feature_columns(view: &ViewRead, columns: &[Vec<&[u8]>]) -> Vec<(String, Vec<Vec<u8>>)> {
+    view.join_keys
+        .iter()
+        .filter(|(name, _)| {
+            view.wanted
+                .iter()
+                .any(|w| matches!(w, Wanted::JoinKey(n) if n == name))
+        })
+        .filter_map(|(name, c)| {
+            let column = columns.get(*c)?;
+            Some((name.clone(), column.iter().map(|v| v.to_vec()).collect()))
+        })
+        .collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -701,11 +743,25 @@ impl Store {
             .iter()
             .map(|c| c.iter().map(|v| decode_value(v)).collect())
             .collect::<Result<_>>()?;
-        let reads = views.iter().map(|view| {
-            self.bounded(&view.table, self.read_view(view, rows, columns, &decoded))
-        });
+        // A task per view, so the runtime's workers share the views out; the keys are built
+        // here, from the request's borrowed columns.
+        let tasks = views
+            .iter()
+            .map(|view| {
+                let keys = view_keys(view, rows, &decoded)?;
+                let key_columns = key_feature_columns(view, columns);
+                let (store, view) = (Arc::clone(self), view.clone());
+                Ok(tokio::spawn(async move {
+                    let read = store.read_view(&view, &keys, &key_columns);
+                    store.bounded(&view.table, read).await
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut out = ViewsOutput::default();
-        for (results, present) in futures::future::try_join_all(reads).await? {
+        for task in tasks {
+            let (results, present) = task
+                .await
+                .map_err(|e| Error::internal(format!("a view's read task failed: {e}")))??;
             out.results.extend_from_slice(&results);
             out.present.push(present);
         }
@@ -715,39 +771,20 @@ impl Store {
     async fn read_view(
         self: &Arc<Self>,
         view: &ViewRead,
-        rows: usize,
-        columns: &[Vec<&[u8]>],
-        decoded: &[Vec<Value>],
+        keys: &LargeBinaryArray,
+        key_columns: &[(String, Vec<Vec<u8>>)],
     ) -> Result<(Vec<u8>, u64)> {
         let id = self.table_id(&view.table)?;
-        let column_of = |name: &str| {
-            view.join_keys
+        let (state, hits) = self.find_rows(&id, keys, view.not_before).await?;
+        let mut results = Vec::new();
+        let key_value = |name: &str, row: usize| {
+            key_columns
                 .iter()
                 .find(|(n, _)| n == name)
-                .and_then(|(_, c)| columns.get(*c))
+                .map(|(_, column)| column[row].as_slice())
         };
-        let mut keys = LargeBinaryBuilder::with_capacity(rows, rows * 24);
-        for row in 0..rows {
-            let key = EntityKey {
-                join_keys: view.join_keys.iter().map(|(name, _)| name.clone()).collect(),
-                entity_values: view
-                    .join_keys
-                    .iter()
-                    .map(|(name, c)| {
-                        decoded.get(*c).map(|col| col[row].clone()).ok_or_else(|| {
-                            Error::input(format!("join key {name:?}: no request column {c}"))
-                        })
-                    })
-                    .collect::<Result<_>>()?,
-            };
-            keys.append_value(serialize_entity_key(&key)?);
-        }
-        let (state, hits) = self.find_rows(&id, &keys.finish(), view.not_before).await?;
-        let mut results = Vec::new();
         let present =
-            read::push_feature_vectors(&mut results, &state.layout, &hits, &view.wanted, |n, r| {
-                column_of(n).map(|c| c[r])
-            });
+            read::push_feature_vectors(&mut results, &state.layout, &hits, &view.wanted, key_value);
         Ok((results, present))
     }
 

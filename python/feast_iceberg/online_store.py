@@ -324,13 +324,15 @@ def _plan_views(
     for table, requested in request.grouped_refs:
         entities = getattr(table, "entities", None)
         if not entities:
-            return _fallback("an entityless view", table)
+            _log_fallback("an entityless view", table)
+            return None
         key_values = table_entity_values(
             table, request.entity_name_to_join_key_map, request.join_key_values
         )
         wanted_keys = {request.entity_name_to_join_key_map.get(e) for e in entities}
         if key_values.keys() != wanted_keys:
-            return _fallback("the request lacks some of its join keys", table)
+            _log_fallback("the request lacks some of its join keys", table)
+            return None
         join_keys: list[tuple[str, int]] = []
         for name, values in key_values.items():
             # The lists are the request's own, shared by every view keyed on that column.
@@ -338,7 +340,8 @@ def _plan_views(
             if index is None:
                 serialized = list(map(_serialize, values))
                 if not serialized or b"" in serialized:
-                    return _fallback("no rows, or an unset join-key value", table)
+                    _log_fallback("no rows, or an unset join-key value", table)
+                    return None
                 index = column_of[id(values)] = len(columns)
                 columns.append(serialized)
             join_keys.append((name, index))
@@ -355,17 +358,17 @@ def _plan_views(
         prefix = f"{table.projection.name_to_use()}__" if request.full_feature_names else ""
         names.extend(prefix + name for name in requested)
     if not views:
-        return _fallback("no feature views")
+        _log_fallback("no feature views")
+        return None
     return columns, views, names
 
 
-def _fallback(reason: str, table: Any = None) -> None:
+def _log_fallback(reason: str, table: Any = None) -> None:
     logger.debug(
         "Feast's per-view read serves this request: %s (view %s)",
         reason,
         getattr(table, "name", None),
     )
-    return None
 
 
 def _add_version_metadata(response: Any, table: Any) -> None:

@@ -13,9 +13,9 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::config::StoreConfig;
 use crate::convert::{self, WriteInput};
 use crate::error::Result;
+use crate::read::Wanted;
 use crate::runtime;
 use crate::schema::ColumnSpec;
-use crate::read::Wanted;
 use crate::store::{Store, ViewRead};
 use crate::write::WriteReport;
 
@@ -57,7 +57,12 @@ type PyReadResult<'py> = (Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>);
 
 /// One view of `Store.read_views`: table, join keys with their request column, requested
 /// features with whether each is a join key, TTL cut.
-type PyViewRead = (String, Vec<(String, usize)>, Vec<(String, bool)>, Option<i64>);
+type PyViewRead = (
+    String,
+    Vec<(String, usize)>,
+    Vec<(String, bool)>,
+    Option<i64>,
+);
 
 /// Runs `f` on the shared runtime with the GIL released. Every call into the core goes through
 /// here: errors become their Python classes, and a panic becomes `InternalError` (see

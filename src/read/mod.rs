@@ -196,7 +196,11 @@ pub async fn find_rows(
 
 /// The rows found as `online_read` hands them to Python: per key one `RepeatedValue` of the
 /// requested features (unknown names are skipped, like Feast's own stores do).
-pub fn encode_rows(layout: &Layout, hits: &[Option<Hit>], features: Option<&[String]>) -> ReadOutput {
+pub fn encode_rows(
+    layout: &Layout,
+    hits: &[Option<Hit>],
+    features: Option<&[String]>,
+) -> ReadOutput {
     let columns = requested(layout, features);
     let mut out = ReadOutput {
         names: columns.iter().map(|c| c.name.clone()).collect(),

@@ -35,7 +35,11 @@ const EVENT_TIMESTAMPS: u32 = 3;
 fn timestamp(micros: i64) -> Vec<u8> {
     let mut out = Vec::with_capacity(12);
     push_varint_field(&mut out, 1, micros.div_euclid(1_000_000).cast_unsigned());
-    push_varint_field(&mut out, 2, (micros.rem_euclid(1_000_000) * 1000).cast_unsigned());
+    push_varint_field(
+        &mut out,
+        2,
+        (micros.rem_euclid(1_000_000) * 1000).cast_unsigned(),
+    );
     out
 }
 
@@ -69,7 +73,11 @@ pub fn push_feature_vectors<'a>(
             let value: Option<Cow<'_, [u8]>> = match (hit, w) {
                 (None, _) => None,
                 (Some(hit), Wanted::Feature(_)) => column.map(|c| {
-                    Cow::Owned(cell_to_value(c.kind, hit.block.batch.column(c.index), hit.row))
+                    Cow::Owned(cell_to_value(
+                        c.kind,
+                        hit.block.batch.column(c.index),
+                        hit.row,
+                    ))
                 }),
                 (Some(_), Wanted::JoinKey(name)) => key_value(name, row).map(Cow::Borrowed),
             };
