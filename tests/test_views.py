@@ -237,14 +237,6 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
     yield spy
 
 
-def feast_path(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A context in which Feast's per-view path serves every request."""
-    m = monkeypatch.context()
-    ctx = m.__enter__()
-    ctx.setattr(IcebergOnlineStore, "read_views", lambda self, request: False)
-    return m
-
-
 def assert_same(fs: FeatureStore, monkeypatch: pytest.MonkeyPatch, **request: Any) -> Any:
     ours = fs.get_online_features(**request)
     with monkeypatch.context() as m:
