@@ -187,6 +187,10 @@ pub fn decode_entity_key(bytes: &[u8]) -> Result<EntityKey> {
     EntityKey::decode(bytes).map_err(|e| Error::input(format!("not an EntityKey proto: {e}")))
 }
 
+pub fn decode_value(bytes: &[u8]) -> Result<Value> {
+    Value::decode(bytes).map_err(|e| Error::input(format!("not a Value proto: {e}")))
+}
+
 /// Serialized Feast keys for serialized `EntityKey` protos.
 pub fn serialize_entity_keys(protos: &[&[u8]]) -> Result<Vec<Vec<u8>>> {
     protos

@@ -138,15 +138,31 @@ pub mod value {
 
 /// Appends one `Value` (serialized) to a serialized `RepeatedValue { repeated Value val = 1 }`.
 pub fn push_repeated_value_item(out: &mut Vec<u8>, value: &[u8]) {
-    const VAL_FIELD: u8 = (1 << 3) | 2; // field 1, length-delimited
-    out.push(VAL_FIELD);
-    let mut len = value.len() as u64;
-    while len >= 0x80 {
-        out.push((len as u8) | 0x80);
-        len >>= 7;
+    push_len_field(out, 1, value);
+}
+
+/// Appends a length-delimited field (a message, bytes, a packed repeated scalar).
+pub fn push_len_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    push_varint(out, u64::from(field << 3 | 2));
+    push_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Appends a varint field; proto3 leaves a zero out, so callers need not check.
+pub fn push_varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
+    if value != 0 {
+        push_varint(out, u64::from(field << 3));
+        push_varint(out, value);
     }
-    out.push(len as u8);
-    out.extend_from_slice(value);
+}
+
+/// A base-128 varint (negative int64/int32 values go in as their 64-bit two's complement).
+pub fn push_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
 }
 
 /// The oneof field number set in a serialized `Value`, or None when unset. Reads only the first

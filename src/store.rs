@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arrow_array::LargeBinaryArray;
 use arrow_array::builder::LargeBinaryBuilder;
 use iceberg::TableUpdate;
 use iceberg::io::FileIO;
@@ -15,10 +16,11 @@ use tokio::sync::OnceCell;
 
 use crate::catalog::{self, Catalog, CommitOutcome, TableId};
 use crate::config::{CatalogType, StoreConfig};
-use crate::convert::{WriteInput, decode_entity_key, serialize_entity_key};
+use crate::convert::{WriteInput, decode_entity_key, decode_value, serialize_entity_key};
 use crate::error::{Error, Result};
 use crate::maintenance;
-use crate::read::{self, DataFiles, ReadOutput};
+use crate::proto::{EntityKey, Value};
+use crate::read::{self, DataFiles, Hit, ReadOutput, Wanted};
 use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
 use crate::storage::{self, IoStats};
 use crate::table::{LiveFile, SnapshotFiles, TableState};
@@ -60,6 +62,67 @@ pub struct TableStats {
     pub data_bytes: u64,
     pub metadata_location: String,
     pub metadata_log: usize,
+}
+
+/// One feature view's share of a multi-view read (`Store::read_views`).
+#[derive(Debug, Clone)]
+pub struct ViewRead {
+    pub table: String,
+    /// The view's join keys: the name its entity key uses, and the request column of values.
+    pub join_keys: Vec<(String, usize)>,
+    pub wanted: Vec<Wanted>,
+    /// The view's TTL cut (micros), as for `read`.
+    pub not_before: Option<i64>,
+}
+
+/// Every view's `GetOnlineFeaturesResponse.results`, serialized and concatenated, and per view
+/// the count of PRESENT cells.
+#[derive(Debug, Default)]
+pub struct ViewsOutput {
+    pub results: Vec<u8>,
+    pub present: Vec<u64>,
+}
+
+/// Feast's serialized entity key of each request row for one view.
+fn view_keys(view: &ViewRead, rows: usize, decoded: &[Vec<Value>]) -> Result<LargeBinaryArray> {
+    let mut columns = Vec::with_capacity(view.join_keys.len());
+    for (name, c) in &view.join_keys {
+        columns.push(
+            decoded
+                .get(*c)
+                .ok_or_else(|| Error::input(format!("join key {name:?}: no request column {c}")))?,
+        );
+    }
+    let mut keys = LargeBinaryBuilder::with_capacity(rows, rows * 24);
+    for row in 0..rows {
+        let key = EntityKey {
+            join_keys: view
+                .join_keys
+                .iter()
+                .map(|(name, _)| name.clone())
+                .collect(),
+            entity_values: columns.iter().map(|col| col[row].clone()).collect(),
+        };
+        keys.append_value(serialize_entity_key(&key)?);
+    }
+    Ok(keys.finish())
+}
+
+/// The request's values of the join keys a view is asked for as features, owned so that
+/// the view's task can answer them.
+fn key_feature_columns(view: &ViewRead, columns: &[Vec<&[u8]>]) -> Vec<(String, Vec<Vec<u8>>)> {
+    view.join_keys
+        .iter()
+        .filter(|(name, _)| {
+            view.wanted
+                .iter()
+                .any(|w| matches!(w, Wanted::JoinKey(n) if n == name))
+        })
+        .filter_map(|(name, c)| {
+            let column = columns.get(*c)?;
+            Some((name.clone(), column.iter().map(|v| v.to_vec()).collect()))
+        })
+        .collect()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -646,9 +709,8 @@ impl Store {
         write::upsert(self, table, input).await
     }
 
-    /// Point lookups, bounded by `read_timeout_ms` when one is configured. On a deadline the
-    /// in-flight work is dropped (reads have no side effects besides filling caches). Rows
-    /// with an event timestamp before `not_before` (micros) are returned as absent.
+    /// Point lookups, bounded by `read_timeout_ms` when one is configured. Rows with an event
+    /// timestamp before `not_before` (micros) are returned as absent.
     pub async fn read(
         self: &Arc<Self>,
         table: &str,
@@ -656,7 +718,89 @@ impl Store {
         features: Option<&[String]>,
         not_before: Option<i64>,
     ) -> Result<ReadOutput> {
-        let read = self.read_unbounded(table, entity_keys, features, not_before);
+        self.bounded(table, async {
+            let id = self.table_id(table)?;
+            let mut keys =
+                LargeBinaryBuilder::with_capacity(entity_keys.len(), entity_keys.len() * 24);
+            for k in entity_keys {
+                keys.append_value(serialize_entity_key(&decode_entity_key(k)?)?);
+            }
+            let (state, hits) = self.find_rows(&id, &keys.finish(), not_before).await?;
+            Ok(read::encode_rows(&state.layout, &hits, features))
+        })
+        .await
+    }
+
+    /// The lookups of several feature views for the same request rows, all in one call and
+    /// concurrently, answered as Feast's `GetOnlineFeaturesResponse.results` (see
+    /// `read::push_feature_vectors`), views in request order. `columns` holds the request's
+    /// join-key columns, each row's value a serialized `Value`; each view names the ones its
+    /// entity key is made of. Every view has its own `read_timeout_ms`, as with `read`.
+    pub async fn read_views(
+        self: &Arc<Self>,
+        columns: &[Vec<&[u8]>],
+        views: &[ViewRead],
+    ) -> Result<ViewsOutput> {
+        let rows = columns.first().map_or(0, Vec::len);
+        if columns.iter().any(|c| c.len() != rows) {
+            return Err(Error::input("join-key columns differ in length"));
+        }
+        let decoded: Vec<Vec<Value>> = columns
+            .iter()
+            .map(|c| c.iter().map(|v| decode_value(v)).collect())
+            .collect::<Result<_>>()?;
+        // A task per view, so the runtime's workers share the views out; the keys are built
+        // here, from the request's borrowed columns.
+        let tasks = views
+            .iter()
+            .map(|view| {
+                let keys = view_keys(view, rows, &decoded)?;
+                let key_columns = key_feature_columns(view, columns);
+                let (store, view) = (Arc::clone(self), view.clone());
+                Ok(tokio::spawn(async move {
+                    let read = store.read_view(&view, &keys, &key_columns);
+                    store.bounded(&view.table, read).await
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = ViewsOutput::default();
+        for task in tasks {
+            let (results, present) = task
+                .await
+                .map_err(|e| Error::internal(format!("a view's read task failed: {e}")))??;
+            out.results.extend_from_slice(&results);
+            out.present.push(present);
+        }
+        Ok(out)
+    }
+
+    async fn read_view(
+        self: &Arc<Self>,
+        view: &ViewRead,
+        keys: &LargeBinaryArray,
+        key_columns: &[(String, Vec<Vec<u8>>)],
+    ) -> Result<(Vec<u8>, u64)> {
+        let id = self.table_id(&view.table)?;
+        let (state, hits) = self.find_rows(&id, keys, view.not_before).await?;
+        let mut results = Vec::new();
+        let key_value = |name: &str, row: usize| {
+            key_columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, column)| column[row].as_slice())
+        };
+        let present =
+            read::push_feature_vectors(&mut results, &state.layout, &hits, &view.wanted, key_value);
+        Ok((results, present))
+    }
+
+    /// `read`'s deadline: `read_timeout_ms`, when one is configured. On a deadline the
+    /// in-flight work is dropped (reads have no side effects besides filling caches).
+    async fn bounded<T>(
+        &self,
+        table: &str,
+        read: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
         let Some(timeout_ms) = self.config.read_timeout_ms else {
             return read.await;
         };
@@ -677,32 +821,26 @@ impl Store {
         Ok(out)
     }
 
-    async fn read_unbounded(
+    /// The newest live row of each serialized key, in the table's current state.
+    async fn find_rows(
         self: &Arc<Self>,
-        table: &str,
-        entity_keys: &[&[u8]],
-        features: Option<&[String]>,
+        id: &TableId,
+        keys: &LargeBinaryArray,
         not_before: Option<i64>,
-    ) -> Result<ReadOutput> {
-        let id = self.table_id(table)?;
-        let mut keys = LargeBinaryBuilder::with_capacity(entity_keys.len(), entity_keys.len() * 24);
-        for k in entity_keys {
-            keys.append_value(serialize_entity_key(&decode_entity_key(k)?)?);
-        }
-        let keys = keys.finish();
-        let state = self.current_for_read(&id).await?;
-        let keys = &keys;
-        let lookup = |state: Arc<TableState>| async move {
+    ) -> Result<(Arc<TableState>, Vec<Option<Hit>>)> {
+        let state = self.current_for_read(id).await?;
+        let find = |state: Arc<TableState>| async move {
             let (files, file_io, io) = (&self.files, &self.file_io, &self.io);
-            read::lookup(&state, files, file_io, io, keys, features, not_before).await
+            let hits = read::find_rows(&state, files, file_io, io, keys, not_before).await?;
+            Ok((state, hits))
         };
-        match lookup(state).await {
+        match find(state).await {
             // A file vanished under us (expired by another process): refresh and retry once.
             Err(Error::FileNotFound(_)) => {
-                let state = self.current(&id, Duration::ZERO).await?;
-                lookup(state).await.map_err(|e| e.missing_is_corrupt(&id))
+                let state = self.current(id, Duration::ZERO).await?;
+                find(state).await.map_err(|e| e.missing_is_corrupt(id))
             }
-            other => other.map_err(|e| e.in_table(&id)),
+            other => other.map_err(|e| e.in_table(id)),
         }
     }
 

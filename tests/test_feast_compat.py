@@ -103,6 +103,70 @@ def test_the_engine_hooks_keep_their_signatures() -> None:
     assert "node_outputs" in inspect.getsource(LocalOutputNode.execute)
 
 
+HOOK_PARAMS = [
+    "self",
+    "config",
+    "grouped_refs",
+    "join_key_values",
+    "entity_name_to_join_key_map",
+    "online_features_response",
+    "full_feature_names",
+    "include_feature_view_version_metadata",
+]
+
+
+@pytest.mark.parametrize("hook", ["_read_features_per_fv", "_read_features_per_fv_async"])
+def test_the_per_request_read_hooks_keep_their_signatures(hook: str) -> None:
+    # ViewReadHooks takes the arguments positionally, in this order, into ViewsRequest.
+    assert list(inspect.signature(getattr(OnlineStore, hook)).parameters) == HOOK_PARAMS
+    assert list(_feast_compat.ViewsRequest.__dataclass_fields__) == [
+        "config",
+        "grouped_refs",
+        "join_key_values",
+        "entity_name_to_join_key_map",
+        "response",
+        "full_feature_names",
+        "include_feature_view_version_metadata",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("method", "hook"),
+    [
+        ("get_online_features", "_read_features_per_fv"),
+        ("get_online_features_async", "_read_features_per_fv_async"),
+    ],
+)
+def test_get_online_features_reads_through_the_hook(method: str, hook: str) -> None:
+    # Feast's precomputed vectors aside, every read of a request goes through the hook.
+    source = inspect.getsource(getattr(OnlineStore, method))
+    assert source.count(f"self.{hook}(") == 1
+    assert "online_read" not in source.replace("read_precomputed_vectors", "")
+
+
+def test_table_entity_values_hands_back_the_requests_own_columns() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    # The multi-view read serializes each request column once, keyed by the list's identity.
+    driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
+    view = FeatureView(name="stats", entities=[driver], schema=[], source=None)
+    aliased = view.with_join_key_map({"driver_id": "other_id"})
+    ids, others = [ValueProto(int64_val=1)], [ValueProto(int64_val=2)]
+    columns = {"driver_id": ids, "other_id": others, "unused": []}
+    mapping = {"driver": "driver_id"}
+    assert _feast_compat.table_entity_values(view, mapping, columns) == {"driver_id": ids}
+    got = _feast_compat.table_entity_values(aliased, mapping, columns)
+    assert got == {"driver_id": others} and got["driver_id"] is others
+
+
+def test_feature_status_metrics_keep_their_signature() -> None:
+    from feast.metrics import track_feature_statuses
+
+    params = list(inspect.signature(track_feature_statuses).parameters)
+    assert params == ["feature_view_name", "present_count", "not_found_count"]
+    _feast_compat.track_feature_statuses("stats", 1, 2)  # metrics off: a no-op
+
+
 def test_versioned_name_is_feasts_naming() -> None:
     view = FeatureView(name="stats", entities=[], schema=[], source=None)
     assert compute_versioned_name is _feast_compat.compute_versioned_name

@@ -7,8 +7,11 @@ The package is pinned to the Feast minor release these were checked against (pyp
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import Any
 
+from feast import utils as feast_utils
 from feast.infra.common.materialization_job import (
     MaterializationJobStatus,
     MaterializationTask,
@@ -20,6 +23,7 @@ from feast.infra.compute_engines.local.feature_builder import LocalFeatureBuilde
 from feast.infra.compute_engines.local.job import LocalMaterializationJob
 from feast.infra.compute_engines.local.nodes import LocalOutputNode
 from feast.infra.online_stores.helpers import compute_versioned_name
+from feast.infra.online_stores.online_store import OnlineStore
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.infra.supported_async_methods import SupportedAsyncMethods
 from feast.utils import _validate_vector_field_lengths
@@ -77,6 +81,101 @@ def materialize_one(
         )
 
 
+@dataclass
+class ViewsRequest:
+    """What Feast hands its per-request read hook (`OnlineStore._read_features_per_fv`, Feast
+    >= 0.66): the views to read with the features asked of each, the request's join-key
+    columns (`{join key: [ValueProto]}`), and the response proto to append to (the join keys
+    and request data are in it already; each view adds its feature names and one
+    `FeatureVector` per feature, in `grouped_refs` order)."""
+
+    config: Any
+    grouped_refs: list[tuple[Any, list[str]]]
+    join_key_values: dict[str, list[Any]]
+    entity_name_to_join_key_map: dict[str, str]
+    response: Any
+    full_feature_names: bool
+    include_feature_view_version_metadata: bool
+
+
+class ViewReadHooks(OnlineStore):
+    """Feast's `get_online_features` and `get_online_features_async` read every feature view
+    of a request through one hook, which a store may override "to batch reads more
+    efficiently". A store derived from this class gets the request in `read_views`; when that
+    returns False, Feast's own hook (one `online_read` per view) serves it."""
+
+    def read_views(self, request: ViewsRequest) -> bool:
+        return False
+
+    def _read_features_per_fv(  # type: ignore[no-untyped-def]
+        self,
+        config,
+        grouped_refs,
+        join_key_values,
+        entity_name_to_join_key_map,
+        online_features_response,
+        full_feature_names,
+        include_feature_view_version_metadata,
+    ) -> None:
+        args = (
+            config,
+            grouped_refs,
+            join_key_values,
+            entity_name_to_join_key_map,
+            online_features_response,
+            full_feature_names,
+            include_feature_view_version_metadata,
+        )
+        if not self.read_views(ViewsRequest(*args)):
+            super()._read_features_per_fv(*args)
+
+    async def _read_features_per_fv_async(  # type: ignore[no-untyped-def]
+        self,
+        config,
+        grouped_refs,
+        join_key_values,
+        entity_name_to_join_key_map,
+        online_features_response,
+        full_feature_names,
+        include_feature_view_version_metadata,
+    ) -> None:
+        args = (
+            config,
+            grouped_refs,
+            join_key_values,
+            entity_name_to_join_key_map,
+            online_features_response,
+            full_feature_names,
+            include_feature_view_version_metadata,
+        )
+        # The read releases the GIL: in a worker thread it leaves the event loop free.
+        if not await asyncio.to_thread(self.read_views, ViewsRequest(*args)):
+            await super()._read_features_per_fv_async(*args)
+
+
+def table_entity_values(
+    feature_view: Any, entity_name_to_join_key_map: dict[str, str], join_key_values: dict
+) -> dict[str, list[Any]]:
+    """The request's join-key columns a view's entity key is made of, under the view's own
+    join-key names (a projection may alias them); the lists are the request's own objects."""
+    return dict(
+        feast_utils._get_table_entity_values(
+            feature_view, entity_name_to_join_key_map, join_key_values
+        )
+    )
+
+
+def track_feature_statuses(view_name: str, present: int, not_found: int) -> None:
+    """Feast's per-view PRESENT / NOT_FOUND counters (a no-op unless its metrics are on);
+    like Feast's own read path, never lets a metrics failure fail the read."""
+    try:
+        from feast.metrics import track_feature_statuses as track
+
+        track(view_name, present, not_found)
+    except Exception:
+        pass
+
+
 __all__ = [
     "PRECOMPUTED_PREFIX",
     "ArrowTableValue",
@@ -89,9 +188,13 @@ __all__ = [
     "MaterializationJobStatus",
     "MaterializationTask",
     "SupportedAsyncMethods",
+    "ViewReadHooks",
+    "ViewsRequest",
     "is_precomputed_view",
     "materialize_one",
     "online_write_batch_size",
+    "table_entity_values",
+    "track_feature_statuses",
     "validate_vector_widths",
     "versioned_name",
     "versioning_enabled",

@@ -147,6 +147,22 @@ class Store:
         key indexes' `index_files`, `index_bytes`, `index_rows`. `reset` zeroes the I/O
         counters."""
 
+    def read_views(
+        self,
+        join_columns: list[list[bytes]],
+        views: list[tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]],
+    ) -> tuple[bytes, list[int]]:
+        """The lookups of several feature views for one request, concurrently, in one call.
+
+        `join_columns`: the request's join-key columns, every row's value a serialized
+        `feast.types.Value`. Each view is (table, [(join key, index into join_columns)],
+        [(feature, is_join_key)] in response order, not_before micros or None).
+        Returns (serialized `GetOnlineFeaturesResponse` holding one `results` entry per
+        requested feature, views in order, for `MergeFromString`; per view the number of
+        PRESENT cells). A feature the table lacks, a row not found and a row before
+        `not_before` are NOT_FOUND with an unset value and timestamp.
+        """
+
     def stats(self, table: str) -> TableStats:
         """Rows, files, bytes and snapshots of the current table state. `records` counts live
         rows (rows of data files minus `position_deletes`)."""

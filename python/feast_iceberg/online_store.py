@@ -17,7 +17,6 @@ from operator import itemgetter
 from typing import Any, NoReturn
 
 from feast import Entity, FeatureView
-from feast.infra.online_stores.online_store import OnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import RepeatedValue
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
@@ -26,7 +25,11 @@ from feast.repo_config import RepoConfig
 from . import _internal
 from ._feast_compat import (
     SupportedAsyncMethods,
+    ViewReadHooks,
+    ViewsRequest,
     is_precomputed_view,
+    table_entity_values,
+    track_feature_statuses,
     versioned_name,
     versioning_enabled,
 )
@@ -90,7 +93,7 @@ def _not_before(config: RepoConfig, table: FeatureView) -> int | None:
     online = config.online_store
     if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
         return None
-    ttl = table.ttl
+    ttl = getattr(table, "ttl", None)  # on-demand views have none
     if ttl is None or ttl <= timedelta(0):
         return None
     return _to_micros(datetime.now(timezone.utc)) - ttl // _MICROSECOND
@@ -131,7 +134,7 @@ def _column_types(fields: Sequence[Any]) -> list[tuple[str, int]]:
     return [(f.name, int(f.dtype.to_value_type().value)) for f in fields]
 
 
-class IcebergOnlineStore(OnlineStore):
+class IcebergOnlineStore(ViewReadHooks):
     """Feast online store on Apache Iceberg with true upserts and hashed point reads."""
 
     def __init__(self) -> None:
@@ -223,6 +226,26 @@ class IcebergOnlineStore(OnlineStore):
             _add_key_values(result, entity_keys, wanted_keys)
         return result
 
+    def read_views(self, request: ViewsRequest) -> bool:
+        """Every feature view of a `get_online_features` request in one Rust call, the GIL
+        released once; the core encodes the response's `FeatureVector`s and one
+        `MergeFromString` appends them, so no `Value` object is made per cell. False (Feast's
+        per-view path serves the request) for shapes that path handles differently."""
+        plan = _plan_views(request)
+        if plan is None:
+            return False
+        columns, views, names = plan
+        results, present = self._store(request.config).read_views(columns, views)
+        response = request.response
+        response.metadata.feature_names.val.extend(names)
+        response.MergeFromString(results)
+        rows = len(columns[0])
+        for (table, requested), found in zip(request.grouped_refs, present, strict=True):
+            track_feature_statuses(table.name, found, len(requested) * rows - found)
+            if request.include_feature_view_version_metadata:
+                _add_version_metadata(response, table)
+        return True
+
     async def online_read_async(
         self,
         config: RepoConfig,
@@ -282,6 +305,80 @@ class IcebergOnlineStore(OnlineStore):
         store = self._store(config)
         for fv in tables:
             store.drop_table(table_name(config, fv))
+
+
+ViewPlan = tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]
+
+
+def _plan_views(
+    request: ViewsRequest,
+) -> tuple[list[list[bytes]], list[ViewPlan], list[str]] | None:
+    """The request's join-key columns (each value serialized once, however many views share
+    it), what `Store.read_views` reads of each view, and the response's feature names; None
+    for a shape Feast's own path handles: no views, an entityless view, a view the request
+    lacks some join key of, no rows, an unset join-key value (Feast raises its own errors)."""
+    columns: list[list[bytes]] = []
+    column_of: dict[int, int] = {}
+    views: list[ViewPlan] = []
+    names: list[str] = []
+    for table, requested in request.grouped_refs:
+        entities = getattr(table, "entities", None)
+        if not entities:
+            _log_fallback("an entityless view", table)
+            return None
+        key_values = table_entity_values(
+            table, request.entity_name_to_join_key_map, request.join_key_values
+        )
+        wanted_keys = {request.entity_name_to_join_key_map.get(e) for e in entities}
+        if key_values.keys() != wanted_keys:
+            _log_fallback("the request lacks some of its join keys", table)
+            return None
+        join_keys: list[tuple[str, int]] = []
+        for name, values in key_values.items():
+            # The lists are the request's own, shared by every view keyed on that column.
+            index = column_of.get(id(values))
+            if index is None:
+                serialized = list(map(_serialize, values))
+                if not serialized or b"" in serialized:
+                    _log_fallback("no rows, or an unset join-key value", table)
+                    return None
+                index = column_of[id(values)] = len(columns)
+                columns.append(serialized)
+            join_keys.append((name, index))
+        view_keys = key_names(table)
+        features = [(name, name in view_keys) for name in requested]
+        views.append(
+            (
+                table_name(request.config, table),
+                join_keys,
+                features,
+                _not_before(request.config, table),
+            )
+        )
+        prefix = f"{table.projection.name_to_use()}__" if request.full_feature_names else ""
+        names.extend(prefix + name for name in requested)
+    if not views:
+        _log_fallback("no feature views")
+        return None
+    return columns, views, names
+
+
+def _log_fallback(reason: str, table: Any = None) -> None:
+    logger.debug(
+        "Feast's per-view read serves this request: %s (view %s)",
+        reason,
+        getattr(table, "name", None),
+    )
+
+
+def _add_version_metadata(response: Any, table: Any) -> None:
+    """The view's entry in the response's `feature_view_metadata`, once per view name (the
+    alias if the projection has one), as Feast's per-view path adds it."""
+    name = table.projection.name_alias or table.projection.name
+    if all(m.name != name for m in response.metadata.feature_view_metadata):
+        entry = response.metadata.feature_view_metadata.add()
+        entry.name = name
+        entry.version = getattr(table, "current_version_number", 0) or 0
 
 
 def _cells(rows: list[dict[str, ValueProto]], names: list[str]) -> Iterable[ValueProto]:

@@ -13,9 +13,10 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use crate::config::StoreConfig;
 use crate::convert::{self, WriteInput};
 use crate::error::Result;
+use crate::read::Wanted;
 use crate::runtime;
 use crate::schema::ColumnSpec;
-use crate::store::Store;
+use crate::store::{Store, ViewRead};
 use crate::write::WriteReport;
 
 /// Byte strings copied out of Python objects into one buffer, so the GIL can be released while
@@ -53,6 +54,15 @@ impl Blobs {
 /// What `Store.read` hands Python: feature names, event timestamps (micros), and per key a
 /// serialized `RepeatedValue` of the features or None.
 type PyReadResult<'py> = (Vec<String>, Vec<Option<i64>>, Bound<'py, PyList>);
+
+/// One view of `Store.read_views`: table, join keys with their request column, requested
+/// features with whether each is a join key, TTL cut.
+type PyViewRead = (
+    String,
+    Vec<(String, usize)>,
+    Vec<(String, bool)>,
+    Option<i64>,
+);
 
 /// Runs `f` on the shared runtime with the GIL released. Every call into the core goes through
 /// here: errors become their Python classes, and a panic becomes `InternalError` (see
@@ -258,6 +268,43 @@ impl PyStore {
             }
         }
         Ok((out.names, out.event_ts, rows))
+    }
+
+    /// The lookups of several feature views for one request, in one call with the GIL
+    /// released once, answered as serialized `GetOnlineFeaturesResponse.results` entries (one
+    /// per requested feature, views in order) for `MergeFromString`, and per view the count of
+    /// PRESENT cells. `join_columns`: the request's join-key columns, each row a serialized
+    /// `Value`; a view is `(table, [(join key, column index)], [(feature, is_join_key)],
+    /// not_before)`.
+    fn read_views<'py>(
+        &self,
+        py: Python<'py>,
+        join_columns: Vec<Vec<Bound<'py, PyBytes>>>,
+        views: Vec<PyViewRead>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<u64>)> {
+        let blobs: Vec<Blobs> = join_columns.iter().map(|c| Blobs::from_py(c)).collect();
+        drop(join_columns);
+        let columns: Vec<Vec<&[u8]>> = blobs.iter().map(Blobs::slices).collect();
+        let views: Vec<ViewRead> = views
+            .into_iter()
+            .map(|(table, join_keys, features, not_before)| ViewRead {
+                table,
+                join_keys,
+                wanted: features
+                    .into_iter()
+                    .map(|(name, is_key)| {
+                        if is_key {
+                            Wanted::JoinKey(name)
+                        } else {
+                            Wanted::Feature(name)
+                        }
+                    })
+                    .collect(),
+                not_before,
+            })
+            .collect();
+        let out = run(py, self.core()?.read_views(&columns, &views))?;
+        Ok((PyBytes::new(py, &out.results), out.present))
     }
 
     fn stats<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {

@@ -12,6 +12,7 @@ mod cache;
 mod deletes;
 mod files;
 mod index;
+mod response;
 mod warm;
 
 use std::collections::HashMap;
@@ -32,6 +33,7 @@ pub use deletes::{
 };
 pub use files::{DataFiles, Fill, Hit, load_whole_file, read_whole_parquet};
 pub use index::FileIndex;
+pub use response::{Wanted, push_feature_vectors};
 pub use warm::{WarmPlan, warm, warm_plan};
 
 use crate::convert::cell_to_value;
@@ -107,7 +109,6 @@ pub struct ReadOutput {
     pub rows: Vec<Option<Vec<u8>>>,
 }
 
-/// The requested feature columns; unknown names are skipped, like Feast's own stores do.
 fn requested<'a>(layout: &'a Layout, features: Option<&[String]>) -> Vec<&'a Column> {
     match features {
         None => layout.features.iter().collect(),
@@ -115,18 +116,17 @@ fn requested<'a>(layout: &'a Layout, features: Option<&[String]>) -> Vec<&'a Col
     }
 }
 
-/// Looks up each key's newest row. A row whose event timestamp is before `not_before` (micros;
-/// the feature view's TTL cut) counts as absent and is never encoded: an expired older row
-/// cannot stand in for it, since it is older still.
-pub async fn lookup(
+/// Each key's newest live row, aligned with the request (duplicates included). A row whose
+/// event timestamp is before `not_before` (micros; the feature view's TTL cut) counts as absent:
+/// an expired older row cannot stand in for it, since it is older still.
+pub async fn find_rows(
     state: &TableState,
     files: &DataFiles,
     file_io: &FileIO,
     io: &Arc<IoStats>,
     serialized_keys: &LargeBinaryArray,
-    features: Option<&[String]>,
     not_before: Option<i64>,
-) -> Result<ReadOutput> {
+) -> Result<Vec<Option<Hit>>> {
     let layout = &state.layout;
     state.files.check_deletes_supported(&state.id)?;
     let bucket_of_key = buckets(serialized_keys, layout.buckets)?;
@@ -169,17 +169,11 @@ pub async fn lookup(
         }
     }
 
-    let columns = requested(layout, features);
-    let mut out = ReadOutput {
-        names: columns.iter().map(|c| c.name.clone()).collect(),
-        event_ts: Vec::with_capacity(serialized_keys.len()),
-        rows: Vec::with_capacity(serialized_keys.len()),
-    };
-    for (i, bucket) in bucket_of_key.iter().enumerate() {
+    let newest = |i: usize, bucket: i32| {
         let key = serialized_keys.value(i);
+        let bucket_deletes = &deletes[&bucket];
         let mut best: Option<&Hit> = None;
-        let bucket_deletes = &deletes[bucket];
-        for f in state.files.files_for_bucket(*bucket) {
+        for f in state.files.files_for_bucket(bucket) {
             let Some(hit) = hits.get(&(f.path(), key)) else {
                 continue;
             };
@@ -190,21 +184,42 @@ pub async fn lookup(
                 best = Some(hit);
             }
         }
-        match best {
-            Some(hit) if not_before.is_none_or(|cut| hit.version.0 >= cut) => {
-                out.event_ts.push(Some(hit.version.0));
-                let mut encoded = Vec::with_capacity(16 * columns.len());
-                for c in &columns {
-                    let value = cell_to_value(c.kind, hit.block.batch.column(c.index), hit.row);
-                    proto::push_repeated_value_item(&mut encoded, &value);
-                }
-                out.rows.push(Some(encoded));
-            }
-            _ => {
-                out.event_ts.push(None);
-                out.rows.push(None);
-            }
+        best.filter(|hit| not_before.is_none_or(|cut| hit.version.0 >= cut))
+            .cloned()
+    };
+    Ok(bucket_of_key
+        .iter()
+        .enumerate()
+        .map(|(i, bucket)| newest(i, *bucket))
+        .collect())
+}
+
+/// The rows found as `online_read` hands them to Python: per key one `RepeatedValue` of the
+/// requested features (unknown names are skipped, like Feast's own stores do).
+pub fn encode_rows(
+    layout: &Layout,
+    hits: &[Option<Hit>],
+    features: Option<&[String]>,
+) -> ReadOutput {
+    let columns = requested(layout, features);
+    let mut out = ReadOutput {
+        names: columns.iter().map(|c| c.name.clone()).collect(),
+        event_ts: Vec::with_capacity(hits.len()),
+        rows: Vec::with_capacity(hits.len()),
+    };
+    for hit in hits {
+        let Some(hit) = hit else {
+            out.event_ts.push(None);
+            out.rows.push(None);
+            continue;
+        };
+        out.event_ts.push(Some(hit.version.0));
+        let mut encoded = Vec::with_capacity(16 * columns.len());
+        for c in &columns {
+            let value = cell_to_value(c.kind, hit.block.batch.column(c.index), hit.row);
+            proto::push_repeated_value_item(&mut encoded, &value);
         }
+        out.rows.push(Some(encoded));
     }
-    Ok(out)
+    out
 }
