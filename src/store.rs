@@ -500,7 +500,7 @@ impl Store {
         let grace_ms = self.config.snapshot_grace().as_millis().to_string();
         [
             ("write.format.default", "parquet".to_string()),
-            ("write.parquet.compression-codec", "zstd".to_string()),
+            ("write.parquet.compression-codec", "lz4".to_string()),
             (
                 "write.parquet.bloom-filter-enabled.column.entity_key",
                 "true".to_string(),

@@ -627,6 +627,45 @@ pub async fn load_whole_file(
 mod tests {
     use super::*;
 
+    /// What a miss costs in CPU, on a real file: `DECODE_FILE=<data file>
+    /// DECODE_METADATA=<its table's metadata.json> cargo test --release decode_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement; needs a table"]
+    fn decode_cost() {
+        use std::time::Instant;
+        let path = std::env::var("DECODE_FILE").unwrap();
+        let md_path = std::env::var("DECODE_METADATA").unwrap();
+        let md: iceberg::spec::TableMetadata =
+            serde_json::from_slice(&std::fs::read(md_path).unwrap()).unwrap();
+        let layout = Arc::new(Layout::from_metadata(&md).unwrap());
+        let data = Bytes::from(std::fs::read(&path).unwrap());
+        let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&data)
+            .unwrap();
+        let index = FileIndex::new(&path, Arc::new(meta), vec![]).unwrap();
+        let n = index.row_groups.len();
+        let source = |rg: usize| {
+            let r = &index.row_groups[rg].bytes;
+            Fetched {
+                offset: r.start,
+                bytes: data.slice(r.start as usize..r.end as usize),
+            }
+        };
+        let runs = 2000;
+        let t = Instant::now();
+        for i in 0..runs {
+            let rg = (i * 7919) % n;
+            std::hint::black_box(
+                decode_row_group(source(rg), index.reader_metadata.clone(), rg, &layout, 0)
+                    .unwrap(),
+            );
+        }
+        println!(
+            "decode row group {:?} ({n} row groups)",
+            t.elapsed() / runs as u32
+        );
+    }
+
     #[test]
     fn nearby_ranges_are_fetched_together() {
         let ranges = [100..200, 0..10, 210..300, 5000..5100, 150..250];

@@ -19,7 +19,7 @@ use iceberg::writer::file_writer::location_generator::{
 };
 use iceberg::writer::file_writer::rolling_writer::RollingFileWriterBuilder;
 use iceberg::writer::{IcebergWriter, IcebergWriterBuilder};
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::Compression;
 use parquet::file::properties::{BloomFilterPosition, EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
@@ -47,10 +47,13 @@ pub const ROW_GROUP_ROWS: usize = 512;
 /// properties so other writers follow them).
 pub fn writer_properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        // A read miss decodes a row group of small pages; zstd spends most of that decode
+        // setting up a context per page (~300 us a row group of 14 columns against ~95 us
+        // with LZ4, measured by `read::files` `decode_cost`), for files ~25% smaller.
+        .set_compression(Compression::LZ4_RAW)
         // A dictionary page holds every distinct value of its column chunk and must be read
         // before any data page: for unique keys and timestamps that is most of the column, so
-        // a point read of one page would fetch the whole dictionary too. zstd still compresses.
+        // a point read of one page would fetch the whole dictionary too. LZ4 still compresses.
         .set_dictionary_enabled(false)
         // A row group is one page per column: a page index (column or offset index) would
         // only repeat what the footer says of the row group.
