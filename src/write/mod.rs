@@ -552,6 +552,7 @@ async fn commit_with_retries(
                 return Ok(report);
             }
             Attempt::Conflict if attempt < attempts => {
+                crate::metrics::commit_retried(&id);
                 tokio::time::sleep(backoff(attempt)).await;
                 state = store.current(&id, Duration::ZERO).await?;
                 plan = plan_for(&state)?;
