@@ -140,9 +140,13 @@ async fn write_bucket(
         state.layout.schema.clone(),
         Struct::from_iter([Some(Literal::int(bucket))]),
     );
-    let mut writer = DataFileWriterBuilder::new(rolling).build(Some(key)).await?;
-    writer.write(batch).await?;
-    Ok(writer.close().await?)
+    // Encoding and compressing happen inside the writer's futures: CPU work, in a cpu slot.
+    crate::runtime::cpu_future(async move {
+        let mut writer = DataFileWriterBuilder::new(rolling).build(Some(key)).await?;
+        writer.write(batch).await?;
+        Ok(writer.close().await?)
+    })
+    .await?
 }
 
 /// What a bucket task needs of the store; owned, since tasks outlive the caller's borrow.
@@ -380,7 +384,11 @@ async fn rewrite_bucket(
         1 => parts.pop(),
         _ => Some(arrow_select::concat::concat_batches(&layout.arrow, &parts)?),
     };
-    let (merged, stats) = merge_bucket(existing.as_ref(), &incoming, &rows, layout, force)?;
+    let layout = state.layout.clone();
+    let (merged, stats) = crate::runtime::cpu(move || {
+        merge_bucket(existing.as_ref(), &incoming, &rows, &layout, force)
+    })
+    .await??;
     let Some(merged) = merged else {
         return Ok(Some(BucketRewrite {
             stats,
