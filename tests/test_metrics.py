@@ -259,3 +259,64 @@ def test_counting_can_be_switched_off(menv: Env) -> None:
     assert value(scrape(), count, table=table) == before
     menv.read(view, [driver_key(1)])
     assert value(scrape(), count, table=table) == before + 1
+
+
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import feast.metrics  # what `feast serve` imports: prometheus_client in multiprocess mode
+from pathlib import Path
+from conftest import driver_key, driver_row, driver_view, repo_config
+from feast_iceberg import IcebergOnlineStore, metrics
+assert metrics.multiprocess_mode()
+metrics.MIRROR_SECONDS = 0.05
+config = repo_config(Path({repo!r}), namespace="mirrored")
+store, view = IcebergOnlineStore(), driver_view()
+store.update(config, [], [view], [], [], partial=False)
+store.online_write_batch(config, view, [driver_row(i, 1) for i in range(20)], None)
+for _ in range({reads}):
+    store.online_read(config, view, [driver_key(1), driver_key(2)])
+time.sleep(1.0)
+"""
+
+
+def test_feast_serve_metrics_see_the_families_through_multiprocess_files(tmp_path: Path) -> None:
+    # `feast serve --metrics` serves the workers' multiprocess files from another process, not
+    # a worker's default registry: the families must reach those files.
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    mp_dir, repo = tmp_path / "mp", tmp_path / "repo"
+    mp_dir.mkdir()
+    (repo / "data").mkdir(parents=True)
+    reads = 6
+    code = CHILD.format(tests=str(Path(__file__).parent), repo=str(repo), reads=reads)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}
+    env["PROMETHEUS_MULTIPROCESS_DIR"] = str(mp_dir)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(mp_dir))
+    text = prometheus_client.generate_latest(registry).decode()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    table = "mirrored.test_driver_stats_online"
+    read = "feast_iceberg_online_read_seconds"
+    assert value(samples, f"{read}_count", table=table) == reads, text
+    assert value(samples, f"{read}_bucket", table=table, le="+Inf") == reads
+    assert value(samples, f"{read}_sum", table=table) > 0
+    assert value(samples, "feast_iceberg_online_read_keys_total", table=table) == 2 * reads
+    commits = "feast_iceberg_commits_total"
+    assert value(samples, commits, table=table, outcome="committed") == 1
+    assert value(samples, "feast_iceberg_cache_hits_total") >= reads - 1
+    assert value(samples, "feast_iceberg_data_files", table=table) >= 1
+    assert value(samples, "feast_iceberg_stores") == 1

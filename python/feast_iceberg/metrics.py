@@ -3,17 +3,26 @@
 The Rust core counts (relaxed atomic adds, a fixed-bucket histogram per table); this module
 only turns one snapshot of those counters into metric families when Prometheus scrapes, so a
 read costs no Python for its metrics. `register()` adds the collector to `prometheus_client`'s
-default registry, which Feast's feature server exposes at `/metrics` (`feast serve --metrics`);
-the online store calls it when it builds its first store.
+default registry; the online store calls it when it builds its first store.
+
+Feast's feature server (`feast serve --metrics`, Feast 0.67) does not serve a worker's
+registry: it runs `prometheus_client` in multiprocess mode and a separate process serves the
+metric files every worker writes. In that mode (`PROMETHEUS_MULTIPROC_DIR` set when
+`prometheus_client` was imported, which importing `feast.metrics` does) `register()` also
+starts a daemon thread that copies the snapshot into multiprocess metrics every
+`MIRROR_SECONDS`, so the families appear there too, summed over the workers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from itertools import accumulate
 
+from prometheus_client import Counter, Gauge, Histogram, values
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -154,14 +163,143 @@ class IcebergCollector(Collector):
         yield from scalars.values()
 
 
+# ---- multiprocess mode --------------------------------------------------------------------
+
+MIRROR_SECONDS = 5.0
+
+# How the metrics server combines a gauge over worker processes.
+_GAUGE_MODES = {
+    "metadata_staleness_seconds": "max",
+    "data_files": "max",
+    "delete_files": "max",
+}
+
+SeriesKey = tuple[str, tuple[object, ...]]
+
+
+def multiprocess_mode() -> bool:
+    """Whether `prometheus_client` keeps values in multiprocess files in this process."""
+    return values.ValueClass is not values.MutexValue
+
+
+class Mirror:
+    """Copies snapshots into `prometheus_client` metrics, which in multiprocess mode live in
+    this process's metric files. Counters advance by what moved since the last copy, starting
+    from the counts at creation: a worker forked from a process that counted does not report
+    its parent's counts again."""
+
+    def __init__(self) -> None:
+        self._metrics: dict[str, Counter | Gauge] = {}
+        self._histogram: Histogram | None = None
+        self._last: dict[SeriesKey, float] = {}
+        self._advance(_internal.metrics_snapshot(), publish=False)
+
+    def publish(self) -> None:
+        self._advance(_internal.metrics_snapshot(), publish=True)
+
+    def _moved(self, key: SeriesKey, total: float) -> float:
+        delta = total - self._last.get(key, 0.0)
+        self._last[key] = total
+        return delta
+
+    def _metric(self, family: Metric, labels: list[str]) -> Counter | Gauge:
+        made = self._metrics.get(family.name)
+        if made is None:
+            # In no registry: the values reach the metrics server through the files, and the
+            # default registry has the collector under the same names.
+            if isinstance(family, CounterMetricFamily):
+                made = Counter(family.name, family.documentation, labels, registry=None)
+            else:
+                mode = _GAUGE_MODES.get(family.name.removeprefix(f"{PREFIX}_"), "livesum")
+                made = Gauge(
+                    family.name,
+                    family.documentation,
+                    labels,
+                    registry=None,
+                    multiprocess_mode=mode,  # type: ignore[arg-type]
+                )
+            self._metrics[family.name] = made
+        return made
+
+    def _advance(self, snap: MetricsSnapshot, publish: bool) -> None:
+        for family in families(snap):
+            if isinstance(family, HistogramMetricFamily):
+                continue
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                counter = isinstance(family, CounterMetricFamily)
+                moved = self._moved(key, sample.value) if counter else 0.0
+                if not publish:
+                    continue
+                metric = self._metric(family, sorted(sample.labels))
+                child = metric.labels(**sample.labels) if sample.labels else metric
+                if isinstance(child, Gauge):
+                    child.set(sample.value)
+                elif moved > 0:
+                    child.inc(moved)
+        for table, t in snap["tables"].items():
+            buckets = [
+                self._moved(("read_bucket", (table, str(i))), n)
+                for i, n in enumerate(t["read_buckets"])
+            ]
+            seconds = self._moved(("read_sum", (table,)), t["read_seconds"])
+            if publish and any(buckets):
+                self._observe(snap, table, buckets, seconds)
+
+    def _observe(
+        self, snap: MetricsSnapshot, table: str, moved: list[float], seconds: float
+    ) -> None:
+        if self._histogram is None:
+            histogram, _ = _families()
+            self._histogram = Histogram(
+                histogram.name,
+                histogram.documentation,
+                ["table"],
+                registry=None,
+                buckets=snap["read_bucket_bounds"],
+            )
+        # `observe` takes one value at a time; a snapshot brings counts per bucket, so they go
+        # to the child's values directly (`_buckets` are per bucket, not cumulative, and
+        # `_sum`: the same since prometheus_client 0.4).
+        child = self._histogram.labels(table=table)
+        for value, n in zip(child._buckets, moved, strict=True):
+            if n > 0:
+                value.inc(n)
+        child._sum.inc(seconds)
+
+
 _lock = threading.Lock()
 _registered: list[CollectorRegistry] = []
+_mirror_pid: int | None = None
+
+
+def _mirror_forever(mirror: Mirror) -> None:
+    while True:
+        time.sleep(MIRROR_SECONDS)
+        try:
+            mirror.publish()
+        except Exception:
+            logger.exception("feast-iceberg: copying metrics to the multiprocess files failed")
+
+
+def _start_mirror() -> None:
+    """One mirror thread per process (a forked worker starts its own)."""
+    global _mirror_pid
+    if _mirror_pid == os.getpid() or not multiprocess_mode():
+        return
+    _mirror_pid = os.getpid()
+    threading.Thread(
+        target=_mirror_forever, args=(Mirror(),), name="feast-iceberg-metrics", daemon=True
+    ).start()
 
 
 def register(registry: CollectorRegistry = REGISTRY) -> bool:
     """Adds the collector to `registry` once per process; True if this call added it. A
-    collector with the same names registered by someone else is left in place."""
+    collector with the same names registered by someone else is left in place. In
+    multiprocess mode, also starts copying the metrics to this process's metric files."""
     with _lock:
+        if registry is REGISTRY:
+            _start_mirror()
         if any(r is registry for r in _registered):
             return False
         try:
@@ -173,4 +311,11 @@ def register(registry: CollectorRegistry = REGISTRY) -> bool:
         return True
 
 
-__all__ = ["IcebergCollector", "families", "register"]
+__all__ = [
+    "MIRROR_SECONDS",
+    "IcebergCollector",
+    "Mirror",
+    "families",
+    "multiprocess_mode",
+    "register",
+]
