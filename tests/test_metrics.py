@@ -199,15 +199,21 @@ def test_racing_writers_count_conflicts_as_retries(menv: Env) -> None:
     assert moved("feast_iceberg_commit_retries_total", table=table) == conflicts
 
 
-def test_a_failed_cleanup_is_counted(make_env: Callable[..., Env]) -> None:
-    env = make_env(namespace=fresh_namespace(), metadata_previous_versions_max=1)
+def written_table(make_env: Callable[..., Env], **online: Any) -> tuple[Env, Any, str, Path]:
+    """A store on a namespace of its own, a view's table with one row written, the table's
+    label and its current metadata file."""
+    env = make_env(namespace=fresh_namespace(), **online)
     view = driver_view()
     env.apply(view)
-    table = label(env, view)
     env.write(view, [driver_row(1, 1)])
+    metadata = Path(env.stats(view)["metadata_location"].removeprefix("file://"))
+    return env, view, label(env, view), metadata
+
+
+def test_a_failed_cleanup_is_counted(make_env: Callable[..., Env]) -> None:
+    env, view, table, doomed = written_table(make_env, metadata_previous_versions_max=1)
     # This metadata file falls out of the log at the third commit from now; a directory in
     # its place makes its deletion fail.
-    doomed = Path(env.stats(view)["metadata_location"].removeprefix("file://"))
     env.write(view, [driver_row(1, 2)])
     doomed.unlink()
     doomed.mkdir()
@@ -221,12 +227,7 @@ def test_a_failed_cleanup_is_counted(make_env: Callable[..., Env]) -> None:
 def test_an_expired_snapshot_that_cannot_be_listed_is_a_warning_and_a_failure(
     make_env: Callable[..., Env], caplog: pytest.LogCaptureFixture
 ) -> None:
-    env = make_env(namespace=fresh_namespace(), snapshot_retention_count=2)
-    view = driver_view()
-    env.apply(view)
-    table = label(env, view)
-    env.write(view, [driver_row(1, 1)])
-    location = Path(env.stats(view)["metadata_location"].removeprefix("file://"))
+    env, view, table, location = written_table(make_env, snapshot_retention_count=2)
     (first,) = json.loads(location.read_text())["snapshots"]
     manifest_list = Path(first["manifest-list"].removeprefix("file://"))
     env.write(view, [driver_row(1, 2)])
