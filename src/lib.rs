@@ -5,7 +5,8 @@
 //! the atomic swap), `storage` (FileIO), `schema` (Feast <-> Iceberg types), `proto` + `convert`
 //! (Feast protos <-> Arrow, entity keys), `table` (a loaded table), `read` (point lookups),
 //! `write` (upserts, compaction and snapshot building), `maintenance` (retention, orphans),
-//! `migrate` (from the contrib store's layout), `store` (ties them up).
+//! `migrate` (from the contrib store's layout), `metrics` (counters for operators), `store`
+//! (ties them up).
 
 pub mod catalog;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod convert;
 pub mod error;
 pub mod ingest;
 pub mod maintenance;
+pub mod metrics;
 pub mod migrate;
 pub mod proto;
 pub mod read;

@@ -192,6 +192,7 @@ impl Store {
                         "migrate {id}: could not drop the staging table {staged}: {drop_err}; \
                          drop it with `Store.drop_table({staging:?})`"
                     );
+                    crate::metrics::cleanup_failed(&id, 1);
                 }
                 return Err(e.context(format!("migrate {id}")));
             }

@@ -3,42 +3,96 @@
 //! A runtime's worker threads do not survive `fork()`: a child that inherited the parent's
 //! runtime would hang on its first `block_on`. We remember the PID that built the runtime and
 //! build a fresh one (leaking the dead parent copy, which owns no live threads) when it changes.
+//!
+//! The two async workers only drive I/O and futures: CPU-heavy work runs on tokio's blocking
+//! pool, so that a rewrite never holds up the I/O of a read or of the catalog (on object
+//! storage a read needs a worker to see its response). Reads hand their decodes to
+//! [`blocking`]; writes hand theirs to [`cpu`], at most one job per core, so that a write of
+//! many buckets cannot crowd the cores (or the pool) that reads decode on.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::{Builder, Runtime};
+use tokio::sync::Semaphore;
 
 use crate::error::{Error, Result};
 
-static RUNTIME: Mutex<Option<(u32, Arc<Runtime>)>> = Mutex::new(None);
+type PerProcess<T> = Mutex<Option<(u32, Arc<T>)>>;
 
-/// The runtime for this process, created on first use and after every fork.
-pub fn runtime() -> Result<Arc<Runtime>> {
+static RUNTIME: PerProcess<Runtime> = Mutex::new(None);
+static CPU_SLOTS: PerProcess<Semaphore> = Mutex::new(None);
+
+/// The value of `slot` for this process: made on first use and again after every fork.
+fn per_process<T>(slot: &PerProcess<T>, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
     let pid = std::process::id();
-    let mut slot = RUNTIME
+    let mut slot = slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((owner, rt)) = slot.as_ref()
+    if let Some((owner, value)) = slot.as_ref()
         && *owner == pid
     {
-        return Ok(rt.clone());
+        return Ok(value.clone());
     }
     if let Some((_, stale)) = slot.take() {
         // Dropping a runtime inherited through fork would try to join threads that do not exist
-        // in this process.
+        // in this process; a semaphore may count permits held by such threads.
         std::mem::forget(stale);
     }
-    let rt = Arc::new(
+    let value = Arc::new(make()?);
+    *slot = Some((pid, value.clone()));
+    Ok(value)
+}
+
+/// The runtime for this process, created on first use and after every fork.
+pub fn runtime() -> Result<Arc<Runtime>> {
+    per_process(&RUNTIME, || {
         Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("feast-iceberg")
             .enable_all()
             .build()
-            .map_err(|e| Error::internal(format!("cannot start tokio runtime: {e}")))?,
-    );
-    *slot = Some((pid, rt.clone()));
-    Ok(rt)
+            .map_err(|e| Error::internal(format!("cannot start tokio runtime: {e}")))
+    })
+}
+
+/// A panic or cancellation of a blocking job, as an error carrying the panic message.
+fn join_error(e: tokio::task::JoinError) -> Error {
+    match e.try_into_panic() {
+        Ok(payload) => Error::internal(format!("panic: {}", panic_message(&*payload))),
+        Err(e) => Error::internal(format!("blocking task failed: {e}")),
+    }
+}
+
+/// Runs `f` on the blocking pool, now: for the short decodes of a read, which must never
+/// queue behind a write's jobs.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(join_error)
+}
+
+/// Runs the CPU-heavy `f` of a write on the blocking pool, once one of the process's slots
+/// (one per core) is free.
+pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let slots = per_process(&CPU_SLOTS, || {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        Ok(Semaphore::new(cores))
+    })?;
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| Error::internal(format!("cpu slots closed: {e}")))?;
+    blocking(f).await
+}
+
+/// [`cpu`] for work that is CPU-bound but written as a future (Parquet encoding inside
+/// iceberg's async writer): driven on a blocking thread, its I/O still served by the runtime.
+pub async fn cpu_future<F>(fut: F) -> Result<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let handle = tokio::runtime::Handle::current();
+    cpu(move || handle.block_on(fut)).await
 }
 
 /// Runs a future to completion on the shared runtime (the caller must not be on a runtime
@@ -83,5 +137,67 @@ mod tests {
         let literal = block_on(boom()).unwrap_err();
         assert!(matches!(&literal, Error::Internal(m) if m.ends_with("panic: plain")));
         assert_eq!(block_on(async { 1 + 1 }).unwrap(), 2);
+        let blocking_panic = block_on(cpu(|| -> u8 { panic!("in a cpu slot") })).unwrap();
+        assert!(matches!(&blocking_panic, Err(Error::Internal(m)) if m.contains("in a cpu slot")));
+    }
+
+    fn spin(d: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The worst lateness of a 5 ms timer on the runtime while `jobs` run: a timer fires
+    /// only when a worker is free to drive the timer (and I/O) driver.
+    fn timer_lag_during(jobs: impl FnOnce() -> Vec<tokio::task::JoinHandle<()>>) -> Duration {
+        block_on(async move {
+            let ticker = tokio::spawn(async {
+                let mut worst = Duration::ZERO;
+                for _ in 0..20 {
+                    let t = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    worst = worst.max(t.elapsed().saturating_sub(Duration::from_millis(5)));
+                }
+                worst
+            });
+            let running = jobs();
+            let worst = ticker.await.unwrap();
+            for j in running {
+                j.await.unwrap();
+            }
+            worst
+        })
+        .unwrap()
+    }
+
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn cpu_work_leaves_the_async_workers_free() {
+        let job = Duration::from_millis(400);
+        // What a rewrite did before: CPU work inside tasks on the two workers.
+        let inline = timer_lag_during(|| {
+            (0..4)
+                .map(|_| tokio::spawn(async move { spin(job) }))
+                .collect()
+        });
+        let offloaded = timer_lag_during(|| {
+            (0..4)
+                .map(|_| {
+                    tokio::spawn(async move {
+                        cpu(move || spin(job)).await.unwrap();
+                    })
+                })
+                .collect()
+        });
+        assert!(
+            inline > Duration::from_millis(250),
+            "the probe cannot see a busy worker: {inline:?}"
+        );
+        assert!(
+            offloaded < Duration::from_millis(150),
+            "timers waited {offloaded:?} behind cpu jobs"
+        );
     }
 }

@@ -19,6 +19,7 @@ use crate::config::{CatalogType, StoreConfig};
 use crate::convert::{WriteInput, decode_entity_key, decode_value, serialize_entity_key};
 use crate::error::{Error, Result};
 use crate::maintenance;
+use crate::metrics;
 use crate::proto::{EntityKey, Value};
 use crate::read::{self, DataFiles, Hit, ReadOutput, Wanted};
 use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
@@ -32,11 +33,13 @@ pub struct Store {
     pub(crate) files: Arc<DataFiles>,
     pub(crate) io: Arc<IoStats>,
     catalog: OnceCell<Arc<dyn Catalog>>,
-    tables: Mutex<HashMap<TableId, Arc<TableState>>>,
+    /// Shared with the metrics, which report each cached table's staleness and files.
+    tables: Arc<Mutex<HashMap<TableId, Arc<TableState>>>>,
     /// Files of snapshots we have read, by manifest-list path (unique per snapshot).
     snapshots: Mutex<HashMap<String, Arc<SnapshotFiles>>>,
     /// Tables whose metadata is being revalidated in the background (one refresh at a time).
     refreshing: Mutex<HashSet<TableId>>,
+    _metrics: metrics::Registration,
 }
 
 /// Whether a commit is now the table's current state.
@@ -129,19 +132,58 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A cleanup step that could not run: the files stay as orphans for `remove-orphans`, and the
+/// operator hears of it (a warning naming the table and files, and the cleanup-failure metric).
+fn skipped_cleanup(table: &TableId, files: &[String], why: &str) {
+    if files.is_empty() {
+        return;
+    }
+    const SHOWN: usize = 10;
+    let mut named = files[..files.len().min(SHOWN)].join(", ");
+    if files.len() > SHOWN {
+        named.push_str(&format!(" and {} more", files.len() - SHOWN));
+    }
+    log::warn!(
+        "table {table}: did not delete {named}, left as orphans for `feast-iceberg \
+         remove-orphans`: {why}"
+    );
+    metrics::cleanup_failed(table, files.len());
+}
+
+/// Why a snapshot's file list is not at hand.
+fn unlisted(listed: &Result<Option<Arc<SnapshotFiles>>>) -> String {
+    match listed {
+        Err(e) => e.to_string(),
+        Ok(None) => "the snapshot is not in the table's metadata".into(),
+        Ok(Some(_)) => "listed".into(),
+    }
+}
+
+/// The manifest list of snapshot `id`, the one file that names everything it referenced.
+fn manifest_list_of(md: &TableMetadata, id: i64) -> Vec<String> {
+    md.snapshot_by_id(id)
+        .map(|s| s.manifest_list().to_string())
+        .into_iter()
+        .collect()
+}
+
 impl Store {
     pub fn new(config: StoreConfig) -> Result<Self> {
         let file_io = storage::file_io(&config)?;
         let files = Arc::new(DataFiles::new(config.read_cache_bytes));
+        let io = Arc::new(IoStats::default());
+        let tables = Arc::default();
+        let registration = metrics::register(io.clone(), files.clone(), Arc::clone(&tables));
         Ok(Self {
             config,
             file_io,
             files,
-            io: Arc::new(IoStats::default()),
+            io,
             catalog: OnceCell::new(),
-            tables: Mutex::new(HashMap::new()),
+            tables,
             snapshots: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashSet::new()),
+            _metrics: registration,
         })
     }
 
@@ -388,6 +430,22 @@ impl Store {
         base: &TableState,
         prepared: &PreparedCommit,
     ) -> Result<Landed> {
+        let landed = self.commit_uncounted(base, prepared).await;
+        let outcome = match &landed {
+            Ok(Landed::Yes(_)) => metrics::Commit::Committed,
+            Ok(Landed::Conflict) => metrics::Commit::Conflict,
+            Ok(Landed::Unknown) => metrics::Commit::Unknown,
+            Err(_) => metrics::Commit::Error,
+        };
+        metrics::commit_done(&base.id, outcome);
+        landed
+    }
+
+    async fn commit_uncounted(
+        &self,
+        base: &TableState,
+        prepared: &PreparedCommit,
+    ) -> Result<Landed> {
         let catalog = self.catalog().await?;
         let loaded = match catalog.commit(base, prepared, &self.file_io).await? {
             CommitOutcome::Committed(loaded) => loaded,
@@ -424,10 +482,16 @@ impl Store {
 
     /// Deletes metadata.json files that fell out of the log, unless the catalog manages them.
     pub(crate) async fn retire_metadata(&self, prepared: &PreparedCommit) {
-        if let Ok(catalog) = self.catalog().await
-            && !catalog.owns_metadata_files()
-        {
-            delete_quietly(&self.file_io, &prepared.table, &prepared.expired_metadata).await;
+        match self.catalog().await {
+            Ok(catalog) if catalog.owns_metadata_files() => {}
+            Ok(_) => {
+                delete_quietly(&self.file_io, &prepared.table, &prepared.expired_metadata).await;
+            }
+            Err(e) => skipped_cleanup(
+                &prepared.table,
+                &prepared.expired_metadata,
+                &format!("no catalog to ask whether it manages them: {e}"),
+            ),
         }
     }
 
@@ -446,11 +510,18 @@ impl Store {
         if !expired.is_empty() {
             let mut doomed: HashSet<String> = HashSet::new();
             for id in expired {
-                if let Ok(Some(files)) = self.snapshot_files(&before.metadata, *id).await {
-                    doomed.extend(files.manifest_list.iter().cloned());
-                    doomed.extend(files.manifests.iter().cloned());
-                    doomed.extend(files.data.iter().map(|f| f.path().to_string()));
-                    doomed.extend(files.delete_paths.iter().cloned());
+                match self.snapshot_files(&before.metadata, *id).await {
+                    Ok(Some(files)) => {
+                        doomed.extend(files.manifest_list.iter().cloned());
+                        doomed.extend(files.manifests.iter().cloned());
+                        doomed.extend(files.data.iter().map(|f| f.path().to_string()));
+                        doomed.extend(files.delete_paths.iter().cloned());
+                    }
+                    listed => skipped_cleanup(
+                        &after.id,
+                        &manifest_list_of(&before.metadata, *id),
+                        &format!("cannot list expired snapshot {id}: {}", unlisted(&listed)),
+                    ),
                 }
             }
             for s in after.metadata.snapshots() {
@@ -467,8 +538,19 @@ impl Store {
                             doomed.remove(p);
                         }
                     }
-                    // Unknown references: delete nothing rather than guess.
-                    _ => return,
+                    // Unknown references: delete no data rather than guess.
+                    listed => {
+                        let doomed: Vec<String> = doomed.into_iter().collect();
+                        let why = format!(
+                            "cannot list what live snapshot {} ({}) still references: {}",
+                            s.snapshot_id(),
+                            s.manifest_list(),
+                            unlisted(&listed)
+                        );
+                        skipped_cleanup(&after.id, &doomed, &why);
+                        self.retire_metadata(prepared).await;
+                        return;
+                    }
                 }
             }
             let doomed: Vec<String> = doomed.into_iter().collect();
@@ -718,7 +800,7 @@ impl Store {
         features: Option<&[String]>,
         not_before: Option<i64>,
     ) -> Result<ReadOutput> {
-        self.bounded(table, async {
+        self.bounded(table, entity_keys.len(), async {
             let id = self.table_id(table)?;
             let mut keys =
                 LargeBinaryBuilder::with_capacity(entity_keys.len(), entity_keys.len() * 24);
@@ -759,7 +841,7 @@ impl Store {
                 let (store, view) = (Arc::clone(self), view.clone());
                 Ok(tokio::spawn(async move {
                     let read = store.read_view(&view, &keys, &key_columns);
-                    store.bounded(&view.table, read).await
+                    store.bounded(&view.table, rows, read).await
                 }))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -794,18 +876,32 @@ impl Store {
         Ok((results, present))
     }
 
-    /// `read`'s deadline: `read_timeout_ms`, when one is configured. On a deadline the
-    /// in-flight work is dropped (reads have no side effects besides filling caches).
+    /// A read of `keys` keys of `table`, timed for the metrics and held to `read_timeout_ms`.
     async fn bounded<T>(
         &self,
         table: &str,
+        keys: usize,
+        read: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let started = Instant::now();
+        let out = self.with_deadline(table, started, read).await;
+        let namespace = &self.config.namespace;
+        metrics::read_done(namespace, table, keys, started.elapsed(), out.is_ok());
+        out
+    }
+
+    /// `read_timeout_ms`, when one is configured. On a deadline the in-flight work is dropped
+    /// (reads have no side effects besides filling caches).
+    async fn with_deadline<T>(
+        &self,
+        table: &str,
+        started: Instant,
         read: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let Some(timeout_ms) = self.config.read_timeout_ms else {
             return read.await;
         };
         let deadline = Duration::from_millis(timeout_ms);
-        let started = Instant::now();
         let timed_out = || Error::ReadTimeout {
             table: table.to_string(),
             timeout_ms,

@@ -11,6 +11,7 @@ from feast_iceberg.reports import (
     ArrowWriteReport,
     ExpireReport,
     IoStats,
+    MetricsSnapshot,
     MigrationReport,
     OrphanReport,
     TableStats,
@@ -37,6 +38,8 @@ __all__ = [
     "serialize_entity_keys",
     "check_arrow",
     "write_arrow",
+    "metrics_snapshot",
+    "set_metrics_enabled",
 ]
 
 __version__: Final[str]
@@ -223,3 +226,12 @@ def write_arrow(
     RecordBatchReader), converted in Rust with Feast's conversion rules, one atomic snapshot per
     chunk of at most `chunk_rows` rows. Returns the write report summed over the chunks, plus
     rows_read and chunks."""
+
+def metrics_snapshot() -> MetricsSnapshot:
+    """Everything the process's stores have counted (read latencies, commits, cache, storage,
+    per-table staleness and files), for `feast_iceberg.metrics` to turn into Prometheus
+    families on a scrape."""
+
+def set_metrics_enabled(enabled: bool) -> bool:
+    """Turn per-read and per-commit counting on or off; returns the previous setting
+    (`FEAST_ICEBERG_METRICS=0` starts with it off)."""

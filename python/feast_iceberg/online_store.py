@@ -22,7 +22,7 @@ from feast.protos.feast.types.Value_pb2 import RepeatedValue
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 
-from . import _internal
+from . import _internal, metrics
 from ._feast_compat import (
     SupportedAsyncMethods,
     ViewReadHooks,
@@ -127,6 +127,7 @@ class _StoreCache:
                         self._stores.clear()
                     store = _internal.Store(online.to_store_json(config.repo_path, version))
                     self._stores[key] = store
+                    metrics.register()
         return store
 
 

@@ -87,12 +87,52 @@ class ExpireReport(TypedDict):
     snapshots_expired: int
 
 
+class TableMetrics(TypedDict):
+    """One table's series in a `MetricsSnapshot` (summed over the stores that serve it)."""
+
+    # Reads per latency bucket of `MetricsSnapshot.read_bucket_bounds`, not cumulative; one
+    # more slot for reads slower than the last bound.
+    read_buckets: list[int]
+    read_seconds: float
+    read_keys: int
+    read_errors: int
+    # Commit attempts by outcome: committed, conflict, unknown, error.
+    commits: dict[str, int]
+    commit_retries: int
+    cleanup_failures: int
+    # None when no live store has the table cached.
+    staleness_seconds: float | None
+    data_files: int | None
+    delete_files: int | None
+
+
+class MetricsSnapshot(TypedDict):
+    """`metrics_snapshot()`: what every store of the process has counted."""
+
+    stores: int
+    read_bucket_bounds: list[float]
+    cache_hits: int
+    cache_misses: int
+    cache_inserts: int
+    cache_evictions: int
+    cache_bytes: int
+    cache_entries: int
+    index_bytes: int
+    # By kind: metadata, data, prefetch.
+    storage_read_bytes: dict[str, int]
+    storage_read_requests: dict[str, int]
+    # By qualified table name, `namespace.table`.
+    tables: dict[str, TableMetrics]
+
+
 __all__ = [
     "ArrowWriteReport",
     "ExpireReport",
     "IoStats",
+    "MetricsSnapshot",
     "MigrationReport",
     "OrphanReport",
+    "TableMetrics",
     "TableStats",
     "WriteReport",
 ]

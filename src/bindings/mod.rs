@@ -4,6 +4,7 @@
 mod arrow;
 mod errors;
 mod logging;
+mod metrics;
 
 use std::sync::Arc;
 
@@ -406,5 +407,6 @@ fn _internal(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStore>()?;
     m.add_function(wrap_pyfunction!(serialize_entity_keys, m)?)?;
     arrow::register(m)?;
+    metrics::register(m)?;
     Ok(())
 }

@@ -61,7 +61,6 @@ impl PositionDeletes {
 pub async fn load_deletes(file_io: &FileIO, path: &str, io: &IoCounter) -> Result<PositionDeletes> {
     let mut pairs = Vec::new();
     for batch in super::files::read_whole_parquet(file_io, path, io).await? {
-        let batch = batch?;
         let (Some(paths), Some(pos)) = (
             batch.column_by_name(DELETE_FILE_PATH),
             batch.column_by_name(DELETE_POS),

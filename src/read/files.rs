@@ -28,6 +28,7 @@ use super::deletes::{BucketDeletes, PositionDeletes, load_deletes};
 use super::index::FileIndex;
 use super::{Version, align_to, keys_of, row_version};
 use crate::error::{Error, Result};
+use crate::runtime;
 use crate::schema::Layout;
 use crate::storage::{IoCounter, IoStats};
 use crate::table::LiveFile;
@@ -596,31 +597,49 @@ fn decode_row_group(
     Block::new(batch, layout, first_position)
 }
 
-/// A whole parquet file read in one request (counted in `io`), ready to decode in memory.
-pub async fn read_whole_parquet(
-    file_io: &FileIO,
-    path: &str,
-    io: &IoCounter,
-) -> Result<ParquetRecordBatchReader> {
+/// A whole parquet file read in one request (counted in `io`).
+async fn read_whole(file_io: &FileIO, path: &str, io: &IoCounter) -> Result<Bytes> {
     let data: Bytes = file_io.new_input(path)?.read().await?;
     io.add(data.len());
+    Ok(data)
+}
+
+fn decode_whole(data: Bytes) -> Result<ParquetRecordBatchReader> {
     Ok(ParquetRecordBatchReaderBuilder::try_new(data)?
         .with_batch_size(64 * 1024)
         .build()?)
 }
 
-/// Every row of a data file, aligned to the table schema (for rewrites: not cached).
+/// Every batch of a parquet file read in one request (counted in `io`), decoded off the
+/// async workers (reads load delete files this way: never queued behind a write).
+pub async fn read_whole_parquet(
+    file_io: &FileIO,
+    path: &str,
+    io: &IoCounter,
+) -> Result<Vec<RecordBatch>> {
+    let data = read_whole(file_io, path, io).await?;
+    runtime::blocking(move || Ok(decode_whole(data)?.collect::<std::result::Result<_, _>>()?))
+        .await?
+}
+
+/// Every row of a data file, aligned to the table schema (for rewrites: not cached). The
+/// decode is a write's CPU work: one of the `runtime::cpu` slots.
 pub async fn load_whole_file(
     file_io: &FileIO,
     path: &str,
     layout: &Layout,
     io: &IoCounter,
 ) -> Result<RecordBatch> {
-    let mut parts = Vec::new();
-    for b in read_whole_parquet(file_io, path, io).await? {
-        parts.push(align_to(&b?, &layout.arrow)?);
-    }
-    Ok(arrow_select::concat::concat_batches(&layout.arrow, &parts)?)
+    let data = read_whole(file_io, path, io).await?;
+    let schema = layout.arrow.clone();
+    runtime::cpu(move || {
+        let mut parts = Vec::new();
+        for b in decode_whole(data)? {
+            parts.push(align_to(&b?, &schema)?);
+        }
+        Ok(arrow_select::concat::concat_batches(&schema, &parts)?)
+    })
+    .await?
 }
 
 #[cfg(test)]

@@ -191,11 +191,14 @@ pub fn is_not_found(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Bytes and requests of one kind of read, for the bench and `stats`.
+/// Bytes and requests of one kind of read, for the bench and `stats`. `reset` moves a baseline
+/// instead of zeroing, so the totals the metrics report never go down.
 #[derive(Debug, Default)]
 pub struct IoCounter {
     bytes: AtomicU64,
     requests: AtomicU64,
+    base_bytes: AtomicU64,
+    base_requests: AtomicU64,
 }
 
 impl IoCounter {
@@ -204,8 +207,17 @@ impl IoCounter {
         self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// (bytes, requests) so far.
+    /// (bytes, requests) since the last reset.
     pub fn get(&self) -> (u64, u64) {
+        let (bytes, requests) = self.total();
+        (
+            bytes.saturating_sub(self.base_bytes.load(Ordering::Relaxed)),
+            requests.saturating_sub(self.base_requests.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// (bytes, requests) since the store was made.
+    pub fn total(&self) -> (u64, u64) {
         (
             self.bytes.load(Ordering::Relaxed),
             self.requests.load(Ordering::Relaxed),
@@ -213,8 +225,9 @@ impl IoCounter {
     }
 
     fn reset(&self) {
-        self.bytes.store(0, Ordering::Relaxed);
-        self.requests.store(0, Ordering::Relaxed);
+        let (bytes, requests) = self.total();
+        self.base_bytes.store(bytes, Ordering::Relaxed);
+        self.base_requests.store(requests, Ordering::Relaxed);
     }
 }
 

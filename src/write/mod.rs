@@ -147,9 +147,13 @@ async fn write_bucket(
         state.layout.schema.clone(),
         Struct::from_iter([Some(Literal::int(bucket))]),
     );
-    let mut writer = DataFileWriterBuilder::new(rolling).build(Some(key)).await?;
-    writer.write(batch).await?;
-    Ok(writer.close().await?)
+    // Encoding and compressing happen inside the writer's futures: CPU work, in a cpu slot.
+    crate::runtime::cpu_future(async move {
+        let mut writer = DataFileWriterBuilder::new(rolling).build(Some(key)).await?;
+        writer.write(batch).await?;
+        Ok(writer.close().await?)
+    })
+    .await?
 }
 
 /// What a bucket task needs of the store; owned, since tasks outlive the caller's borrow.
@@ -302,7 +306,11 @@ async fn fold_runs(
     // The kept rows and the winners hold different keys (a winner's stored row is in
     // `replaced`), so the merge only sorts them.
     let all: Vec<usize> = (0..winners.num_rows()).collect();
-    let (merged, _) = merge_bucket(Some(&kept_rows), &winners, &all, layout, true)?;
+    let merge_layout = state.layout.clone();
+    let (merged, _) = crate::runtime::cpu(move || {
+        merge_bucket(Some(&kept_rows), &winners, &all, &merge_layout, true)
+    })
+    .await??;
     let merged = merged.ok_or_else(|| Error::internal("forced merge returned nothing"))?;
     let mut kept_deletes: Vec<(String, u64)> = kept
         .iter()
@@ -380,7 +388,11 @@ async fn rewrite_bucket(
         1 => parts.pop(),
         _ => Some(arrow_select::concat::concat_batches(&layout.arrow, &parts)?),
     };
-    let (merged, stats) = merge_bucket(existing.as_ref(), &incoming, &rows, layout, force)?;
+    let layout = state.layout.clone();
+    let (merged, stats) = crate::runtime::cpu(move || {
+        merge_bucket(existing.as_ref(), &incoming, &rows, &layout, force)
+    })
+    .await??;
     let Some(merged) = merged else {
         return Ok(Some(BucketRewrite {
             stats,
@@ -552,6 +564,7 @@ async fn commit_with_retries(
                 return Ok(report);
             }
             Attempt::Conflict if attempt < attempts => {
+                crate::metrics::commit_retried(&id);
                 tokio::time::sleep(backoff(attempt)).await;
                 state = store.current(&id, Duration::ZERO).await?;
                 plan = plan_for(&state)?;

@@ -326,10 +326,13 @@ pub async fn delete_quietly(
     for p in paths {
         match file_io.delete(p).await {
             Ok(()) => deleted += 1,
-            Err(e) => log::warn!(
-                "table {table}: could not delete {p}, left as an orphan for `feast-iceberg \
-                 remove-orphans`: {e}"
-            ),
+            Err(e) => {
+                log::warn!(
+                    "table {table}: could not delete {p}, left as an orphan for `feast-iceberg \
+                     remove-orphans`: {e}"
+                );
+                crate::metrics::cleanup_failed(table, 1);
+            }
         }
     }
     deleted
