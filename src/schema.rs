@@ -18,6 +18,13 @@ use crate::error::{Error, Result};
 pub const ENTITY_KEY: &str = "entity_key";
 pub const EVENT_TS: &str = "event_ts";
 pub const CREATED_TS: &str = "created_ts";
+
+/// Rows per row group of our data files (one page per column): a point read that misses the
+/// cache fetches and decodes one row group, so it is sized to stay under 64 KiB for a typical
+/// feature row (10 features: ~100 bytes a row compressed), one contiguous range of the file:
+/// one ranged GET on object storage. The writer (`write`) and the key index (`read::index`)
+/// both follow it.
+pub const ROW_GROUP_ROWS: usize = 512;
 const RESERVED: [&str; 3] = [ENTITY_KEY, EVENT_TS, CREATED_TS];
 
 /// Table property holding `{column: Feast ValueType}` for join keys and features.

@@ -593,11 +593,11 @@ impl Store {
             ),
             (
                 "write.parquet.row-group-limit",
-                crate::write::ROW_GROUP_ROWS.to_string(),
+                schema::ROW_GROUP_ROWS.to_string(),
             ),
             (
                 "write.parquet.page-row-limit",
-                crate::write::ROW_GROUP_ROWS.to_string(),
+                schema::ROW_GROUP_ROWS.to_string(),
             ),
             ("write.distribution-mode", "hash".to_string()),
             (

@@ -83,17 +83,19 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     read_cache_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
     """Memory budget of the block cache: decoded row groups (512 rows each) kept for point reads,
     least recently used evicted first. A miss reads and decodes one row group, so a budget far
-    below the table's size still serves reads in milliseconds; the per-file key indexes (a few
-    bytes per key) are kept outside this budget."""
+    below the table's size still serves reads in milliseconds; the per-file key indexes (~16
+    bytes per key: footers and bloom filters) are kept outside this budget."""
 
     merge_on_read_max_fraction: float = Field(default=0.1, ge=0, le=1)
-    """A write whose rows for a bucket are at most this fraction of the bucket's live rows is
-    merge-on-read: the rows go to a small new data file plus a position-delete file for the
-    rows they replace, instead of a rewrite of the bucket. 0: always copy-on-write."""
+    """A write that replaces at most this fraction of a bucket's stored live rows (as the key
+    index estimates) is merge-on-read: its rows go to a new data file (a sorted run) plus a
+    position-delete file for the rows they replace, instead of a rewrite of the bucket. New
+    keys cost no deletes, so they always become a run. 0: always copy-on-write."""
 
     merge_on_read_max_files: int = Field(default=8, ge=2)
-    """Automatic compaction: a merge-on-read write into a bucket that holds this many data files
-    merges the bucket's small files (all but the largest) into one."""
+    """Sorted runs (data files) a bucket may hold: a write into a bucket that holds this many
+    merges its smallest runs into its own file, size-tiered (each next run while it is no
+    larger than those taken)."""
 
     merge_on_read_max_delete_ratio: float = Field(default=0.2, ge=0, le=1)
     """Automatic compaction: a bucket in which more than this fraction of the stored rows would

@@ -3,9 +3,10 @@
 //!
 //! It is derived from the file's own footer (row-group statistics of `entity_key`) and the
 //! key column's Parquet bloom filters, so it is exactly as immutable as the file and never
-//! needs writing anywhere: the table stays plain Iceberg. Our writer keeps row groups small (`write::ROW_GROUP_ROWS`) and sorted by key, so
-//! a key maps to one row group, and one row group is one contiguous byte range: a miss costs
-//! one ranged read and the decode of one row group, never the whole file.
+//! needs writing anywhere: the table stays plain Iceberg. Our writer keeps row groups small
+//! (`schema::ROW_GROUP_ROWS`) and sorted by key, so a key maps to one row group, and one row
+//! group is one contiguous byte range: a miss costs one ranged read and the decode of one row
+//! group, never the whole file.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -146,7 +147,7 @@ impl FileIndex {
     /// read from the end of the file, sized from the row count. Files of other writers whose
     /// filters lie spread over the file are indexed by key range alone.
     pub async fn load(reader: CountingReader, path: &str, size: u64, rows: u64) -> Result<Self> {
-        let row_groups = rows.div_ceil(crate::write::ROW_GROUP_ROWS as u64);
+        let row_groups = rows.div_ceil(crate::schema::ROW_GROUP_ROWS as u64);
         let guess = row_groups
             .saturating_mul(TAIL_BYTES_PER_ROW_GROUP)
             .saturating_add(8 * 1024)

@@ -31,17 +31,11 @@ pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
 use crate::read::{BucketDeletes, DataFiles, Fill, keys_of, load_whole_file};
-use crate::schema::ENTITY_KEY;
+use crate::schema::{ENTITY_KEY, ROW_GROUP_ROWS};
 use crate::storage::IoStats;
 use crate::store::Landed;
 use crate::store::Store;
 use crate::table::{LiveFile, TableState};
-
-/// Rows per row group (one page per column): a point read that misses the cache fetches and
-/// decodes one row group, so it is sized to stay under 64 KiB for a typical feature row
-/// (10 features: ~100 bytes a row compressed), one contiguous range of the file: one ranged GET
-/// on object storage. Row-group statistics of `entity_key` are the per-file key index.
-pub const ROW_GROUP_ROWS: usize = 512;
 
 /// Parquet settings of every data file we write (mirrored in the table's `write.parquet.*`
 /// properties so other writers follow them).
