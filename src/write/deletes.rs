@@ -59,7 +59,7 @@ impl MorPolicy {
     /// When a new run would pass `max_files`, the smallest runs are merged with it
     /// (`runs_to_merge`), which costs those runs' rows, not the bucket's.
     pub fn mode(&self, shape: &BucketShape) -> BucketMode {
-        if self.max_fraction <= 0.0 || shape.run_rows.is_empty() {
+        if !self.may_merge_on_read(shape.run_rows.len()) {
             return BucketMode::CopyOnWrite;
         }
         let stored: u64 = shape.run_rows.iter().sum();
@@ -75,6 +75,12 @@ impl MorPolicy {
             n if n >= shape.run_rows.len() && n > 0 => BucketMode::CopyOnWrite,
             merge_runs => BucketMode::MergeOnRead { merge_runs },
         }
+    }
+
+    /// Whether a write into a bucket of `runs` data files can be merge-on-read at all: when
+    /// not, `mode` needs no look at the write's keys.
+    pub fn may_merge_on_read(&self, runs: usize) -> bool {
+        self.max_fraction > 0.0 && runs > 0
     }
 
     /// How many of the bucket's smallest runs a write merges with its own (size-tiered, as

@@ -343,7 +343,7 @@ async fn rewrite_bucket(
         .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
         .await?;
     let prefix = format!("{attempt_id}-b{bucket}");
-    let mode = if force || files.is_empty() || io.policy.max_fraction <= 0.0 {
+    let mode = if force || !io.policy.may_merge_on_read(files.len()) {
         BucketMode::CopyOnWrite
     } else {
         let keys = keys_of(&incoming, layout)?;
