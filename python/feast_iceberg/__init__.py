@@ -7,6 +7,7 @@ from .config import IcebergOnlineStoreConfig
 from .exceptions import (
     CatalogError,
     CommitConflictError,
+    CommitStateUnknownError,
     ConfigError,
     ConversionError,
     CorruptTableError,
@@ -38,6 +39,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CatalogError",
     "CommitConflictError",
+    "CommitStateUnknownError",
     "ConfigError",
     "ConversionError",
     "CorruptTableError",
