@@ -880,6 +880,7 @@ mod tests {
             merge_on_read_buckets: n + 6,
             attempts: 1,
             replanned_buckets: n + 7,
+            rebases: 1,
             timings: Default::default(),
             snapshot_id: snapshot,
         };
@@ -897,6 +898,6 @@ mod tests {
             (45, 48)
         );
         assert_eq!((total.attempts, total.snapshot_id), (3, Some(2)));
-        assert_eq!(total.replanned_buckets, 51);
+        assert_eq!((total.replanned_buckets, total.rebases), (51, 3));
     }
 }

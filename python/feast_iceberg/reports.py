@@ -42,6 +42,8 @@ class WriteReport(TypedDict):
     # Buckets merged again at commit time because another writer changed them first (the
     # others were rebased onto the winner's snapshot without rewriting a file).
     replanned_buckets: int
+    # Times the write was carried onto another writer's newer commit, keeping its files.
+    rebases: int
     timings: CommitTimings
     # The snapshot committed; None when nothing changed.
     snapshot_id: int | None

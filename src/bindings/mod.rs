@@ -379,6 +379,7 @@ fn write_report<'py>(py: Python<'py>, report: &WriteReport) -> PyResult<Bound<'p
     d.set_item("merge_on_read_buckets", report.merge_on_read_buckets)?;
     d.set_item("attempts", report.attempts)?;
     d.set_item("replanned_buckets", report.replanned_buckets)?;
+    d.set_item("rebases", report.rebases)?;
     let t = &report.timings;
     let timings = PyDict::new(py);
     for (k, v) in [

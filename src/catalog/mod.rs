@@ -55,6 +55,28 @@ pub enum CommitOutcome {
     Unknown(String),
 }
 
+/// Held while a writer commits: writers of one catalog that take it commit one at a time
+/// instead of racing (a lost race costs a reload, a new snapshot and a retry; the queue costs
+/// a wait). What it holds is the catalog's own (a database transaction, say); the commit made
+/// under it ends it, `unlock` ends it without one.
+pub struct CommitLock(Box<dyn std::any::Any + Send>);
+
+impl CommitLock {
+    pub fn new(inner: impl std::any::Any + Send) -> Self {
+        Self(Box::new(inner))
+    }
+
+    pub fn into_inner<T: 'static>(self) -> Option<T> {
+        self.0.downcast::<T>().ok().map(|b| *b)
+    }
+}
+
+impl Debug for CommitLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitLock")
+    }
+}
+
 #[async_trait]
 pub trait Catalog: Send + Sync + Debug {
     /// Creates the namespace (every level of it) if it does not exist.
@@ -68,13 +90,23 @@ pub trait Catalog: Send + Sync + Debug {
         metadata: &TableMetadata,
         file_io: &FileIO,
     ) -> Result<bool>;
-    /// Commits `prepared` on top of `base`, atomically or not at all.
+    /// Commits `prepared` on top of `base`, atomically or not at all; inside `lock` (taken
+    /// with `lock`, ended by this call) when given.
     async fn commit(
         &self,
         base: &TableState,
         prepared: &PreparedCommit,
         file_io: &FileIO,
+        lock: Option<CommitLock>,
     ) -> Result<CommitOutcome>;
+    /// Waits for the table's commit lock; None when the catalog has none (REST: the server
+    /// decides, commits stay optimistic). Writers that do not take it (other engines) still
+    /// race, and the commit stays conditional.
+    async fn lock(&self, _table: &TableId) -> Result<Option<CommitLock>> {
+        Ok(None)
+    }
+    /// Ends `lock` without committing.
+    async fn unlock(&self, _lock: CommitLock) {}
     /// Why `swap` cannot work on this catalog, or None if it can. Migration asks before it
     /// stages anything.
     fn swap_unsupported(&self) -> Option<String> {

@@ -413,6 +413,7 @@ impl Catalog for RestCatalog {
         base: &TableState,
         prepared: &PreparedCommit,
         _: &FileIO,
+        _: Option<super::CommitLock>,
     ) -> Result<CommitOutcome> {
         let table = &base.id;
         let what = format!("commit to {table}");

@@ -3,16 +3,18 @@
 //! affected means another writer committed first.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor, Row};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use iceberg::MetadataLocation;
 use iceberg::io::FileIO;
 use iceberg::spec::TableMetadata;
 
-use super::{Catalog, CommitOutcome, Loaded, TableId};
+use super::{Catalog, CommitLock, CommitOutcome, Loaded, TableId};
 use crate::commit::{PreparedCommit, delete_quietly};
 use crate::config::{StoreConfig, redact_uri};
 use crate::error::{Error, Result};
@@ -34,10 +36,24 @@ const CREATE_NAMESPACES: &str = "CREATE TABLE IF NOT EXISTS iceberg_namespace_pr
     property_value VARCHAR(1000) NOT NULL,
     PRIMARY KEY (catalog_name, namespace, property_key))";
 
+/// Connections to PostgreSQL per store.
+const MAX_PG: usize = 4;
+
 pub struct SqlCatalog {
     pool: AnyPool,
     name: String,
     shown_uri: String,
+    is_sqlite: bool,
+    /// Commit locks this process may hold at once: each holds a connection, and loads need
+    /// one too. SQLite's lock is the database's write lock, one for every table.
+    lock_slots: Arc<Semaphore>,
+}
+
+/// A commit lock: a transaction that holds SQLite's write lock (`BEGIN IMMEDIATE`) or a
+/// PostgreSQL advisory lock on the table; the swap runs inside it.
+struct SqlLock {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for SqlCatalog {
@@ -80,13 +96,48 @@ fn sqlx_url(uri: &str) -> Result<String> {
 }
 
 impl SqlCatalog {
+    /// Ends a commit lock without committing.
+    async fn end(&self, lock: Option<SqlLock>) {
+        if let Some(lock) = lock
+            && let Err(e) = lock.tx.rollback().await
+        {
+            // The connection is dropped with the transaction: the lock goes with it.
+            log::warn!("catalog {}: ending a commit lock: {e}", self.name);
+        }
+    }
+
+    /// The conditional UPDATE that commits: true if it moved the pointer from `expected`.
+    async fn swap_in(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        table: &TableId,
+        expected: &str,
+        new: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE iceberg_tables SET metadata_location = $1, previous_metadata_location = $2 \
+             WHERE catalog_name = $3 AND table_namespace = $4 AND table_name = $5 \
+             AND metadata_location = $6",
+        )
+        .bind(new)
+        .bind(expected)
+        .bind(&self.name)
+        .bind(&table.namespace)
+        .bind(&table.name)
+        .bind(expected)
+        .execute(conn)
+        .await
+        .map_err(|e| self.err(&format!("commit {table}"), &e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
     pub async fn connect(config: &StoreConfig) -> Result<Self> {
         install_default_drivers();
         let url = sqlx_url(&config.uri)?;
         let shown_uri = redact_uri(&config.uri);
         let is_sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
-            .max_connections(if is_sqlite { 2 } else { 4 })
+            .max_connections(if is_sqlite { 2 } else { MAX_PG as u32 })
             .acquire_timeout(config.catalog_acquire_timeout())
             .after_connect(move |conn, _| {
                 Box::pin(async move {
@@ -104,6 +155,8 @@ impl SqlCatalog {
             pool,
             name: config.catalog_name.clone(),
             shown_uri,
+            is_sqlite,
+            lock_slots: Arc::new(Semaphore::new(if is_sqlite { 1 } else { MAX_PG - 1 })),
         };
         catalog.init(is_sqlite).await?;
         Ok(catalog)
@@ -207,24 +260,59 @@ impl Catalog for SqlCatalog {
         done.map(|_| created)
     }
 
-    /// Writes the next metadata.json, then moves the pointer with a conditional UPDATE.
+    /// Writes the next metadata.json, then moves the pointer with a conditional UPDATE
+    /// (inside the commit lock's transaction when given).
     async fn commit(
         &self,
         base: &TableState,
         prepared: &PreparedCommit,
         file_io: &FileIO,
+        lock: Option<CommitLock>,
     ) -> Result<CommitOutcome> {
-        let location = MetadataLocation::from_str(&base.metadata_location)
-            .map_err(|e| Error::corrupt(&base.id, format!("bad metadata location: {e}")))?
-            .with_next_version()
-            .with_new_metadata(&prepared.metadata);
-        prepared.metadata.write_to(file_io, &location).await?;
+        let lock = lock.and_then(CommitLock::into_inner::<SqlLock>);
+        let location = match MetadataLocation::from_str(&base.metadata_location) {
+            Ok(l) => l.with_next_version().with_new_metadata(&prepared.metadata),
+            Err(e) => {
+                self.end(lock).await;
+                return Err(Error::corrupt(
+                    &base.id,
+                    format!("bad metadata location: {e}"),
+                ));
+            }
+        };
+        let written = async {
+            prepared.metadata.write_to(file_io, &location).await?;
+            // The swap publishes it: durable first.
+            crate::storage::sync_files([location.to_string()]).await
+        };
+        if let Err(e) = written.await {
+            self.end(lock).await;
+            return Err(e);
+        }
         let location = location.to_string();
-        // The swap publishes it: durable first.
-        crate::storage::sync_files([location.clone()]).await?;
-        let swapped = self
-            .swap(&base.id, &base.metadata_location, &location)
-            .await;
+        let swapped = match lock {
+            Some(mut lock) => {
+                let done = self
+                    .swap_in(&mut lock.tx, &base.id, &base.metadata_location, &location)
+                    .await;
+                match done {
+                    Ok(true) => lock
+                        .tx
+                        .commit()
+                        .await
+                        .map(|()| true)
+                        .map_err(|e| self.err(&format!("commit {}", base.id), &e)),
+                    other => {
+                        let _ = lock.tx.rollback().await;
+                        other
+                    }
+                }
+            }
+            None => {
+                self.swap(&base.id, &base.metadata_location, &location)
+                    .await
+            }
+        };
         // An UPDATE that failed in flight (connection lost) may still have committed: keep the
         // file then, an orphan at worst. Only "0 rows" proves it is ours alone.
         Ok(if swapped? {
@@ -238,26 +326,53 @@ impl Catalog for SqlCatalog {
         })
     }
 
+    async fn lock(&self, table: &TableId) -> Result<Option<CommitLock>> {
+        let slot = self
+            .lock_slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| Error::internal(format!("commit lock slots closed: {e}")))?;
+        let what = format!("lock {table} for a commit");
+        let tx = if self.is_sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            self.pool.begin().await
+        }
+        .map_err(|e| self.err(&what, &e))?;
+        let mut lock = SqlLock { tx, _slot: slot };
+        if !self.is_sqlite {
+            let key = format!(
+                "feast-iceberg/{}/{}/{}",
+                self.name, table.namespace, table.name
+            );
+            let locked = sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(key)
+                .execute(&mut *lock.tx)
+                .await;
+            if let Err(e) = locked {
+                let _ = lock.tx.rollback().await;
+                return Err(self.err(&what, &e));
+            }
+        }
+        Ok(Some(CommitLock::new(lock)))
+    }
+
+    async fn unlock(&self, lock: CommitLock) {
+        self.end(lock.into_inner::<SqlLock>()).await;
+    }
+
     fn owns_metadata_files(&self) -> bool {
         false
     }
 
     async fn swap(&self, table: &TableId, expected: &str, new: &str) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE iceberg_tables SET metadata_location = $1, previous_metadata_location = $2 \
-             WHERE catalog_name = $3 AND table_namespace = $4 AND table_name = $5 \
-             AND metadata_location = $6",
-        )
-        .bind(new)
-        .bind(expected)
-        .bind(&self.name)
-        .bind(&table.namespace)
-        .bind(&table.name)
-        .bind(expected)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| self.err(&format!("commit {table}"), &e))?;
-        Ok(done.rows_affected() == 1)
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| self.err(&format!("commit {table}"), &e))?;
+        self.swap_in(&mut conn, table, expected, new).await
     }
 
     async fn unregister(&self, table: &TableId) -> Result<Option<String>> {

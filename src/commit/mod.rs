@@ -27,7 +27,7 @@ use iceberg::spec::DataFile;
 
 pub use snapshot::{Changes, PreparedCommit, prepare};
 
-use crate::catalog::{CommitOutcome, TableId};
+use crate::catalog::{CommitLock, CommitOutcome, TableId};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::store::Store;
@@ -46,8 +46,13 @@ pub enum Landed {
 
 /// Commits a prepared metadata version through the catalog, reconciling an unknown outcome:
 /// if the catalog now names our snapshot, it landed.
-pub async fn commit(store: &Store, base: &TableState, prepared: &PreparedCommit) -> Result<Landed> {
-    let landed = commit_uncounted(store, base, prepared).await;
+pub async fn commit(
+    store: &Store,
+    base: &TableState,
+    prepared: &PreparedCommit,
+    lock: Option<CommitLock>,
+) -> Result<Landed> {
+    let landed = commit_uncounted(store, base, prepared, lock).await;
     let outcome = match &landed {
         Ok(Landed::Yes(_)) => metrics::Commit::Committed,
         Ok(Landed::Conflict) => metrics::Commit::Conflict,
@@ -62,9 +67,10 @@ async fn commit_uncounted(
     store: &Store,
     base: &TableState,
     prepared: &PreparedCommit,
+    lock: Option<CommitLock>,
 ) -> Result<Landed> {
     let catalog = store.catalog().await?;
-    let loaded = match catalog.commit(base, prepared, &store.file_io).await? {
+    let loaded = match catalog.commit(base, prepared, &store.file_io, lock).await? {
         CommitOutcome::Committed(loaded) => loaded,
         CommitOutcome::Conflict => return Ok(Landed::Conflict),
         CommitOutcome::Unknown(why) => {
@@ -88,6 +94,18 @@ async fn commit_uncounted(
             .is_some_and(|md| md.current_snapshot_id() == prepared.metadata.current_snapshot_id())
     });
     Ok(Landed::Yes(store.installed(&base.id, loaded, known).await?))
+}
+
+/// Waits for the catalog's commit lock of the table (None: optimistic commits only).
+async fn lock(store: &Store, id: &TableId) -> Result<Option<CommitLock>> {
+    store.catalog().await?.lock(id).await
+}
+
+/// Ends a commit lock that no commit ended.
+async fn unlock(store: &Store, lock: Option<CommitLock>) {
+    if let (Some(lock), Ok(catalog)) = (lock, store.catalog().await) {
+        catalog.unlock(lock).await;
+    }
 }
 
 /// Jittered exponential backoff before attempt `attempt + 1`: 5 ms doubling to 1 s, times
@@ -161,14 +179,29 @@ pub async fn metadata_commit<T>(
     let attempts = store.config.commit_max_retries + 1;
     let mut unknown = None;
     for attempt in 1..=attempts {
-        let state = store.current(id, Duration::ZERO).await?;
-        let (changes, answer) = match step(&state)? {
-            Step::Done(answer) => return Ok(answer),
-            Step::Commit(changes, answer) => (changes, answer),
+        let held = lock(store, id).await?;
+        let planned = async {
+            let state = store.current(id, Duration::ZERO).await?;
+            let (changes, answer) = match step(&state)? {
+                Step::Done(answer) => return Ok(Err(answer)),
+                Step::Commit(changes, answer) => (changes, answer),
+            };
+            let prepared = prepare(&store.file_io, &state, changes).await?;
+            crate::storage::sync_files(prepared.written.iter().cloned()).await?;
+            Ok(Ok((state, prepared, answer)))
         };
-        let prepared = prepare(&store.file_io, &state, changes).await?;
-        crate::storage::sync_files(prepared.written.iter().cloned()).await?;
-        match commit(store, &state, &prepared).await? {
+        let (state, prepared, answer) = match planned.await {
+            Ok(Ok(ready)) => ready,
+            Ok(Err(answer)) => {
+                unlock(store, held).await;
+                return Ok(answer);
+            }
+            Err(e) => {
+                unlock(store, held).await;
+                return Err(e);
+            }
+        };
+        match commit(store, &state, &prepared, held).await? {
             Landed::Yes(new_state) => {
                 store
                     .after_commit(&state, &new_state, &prepared, &prepared.expired_snapshots)
@@ -293,6 +326,9 @@ pub struct Committed {
     pub changes: Vec<BucketChange>,
     /// Buckets planned again because another writer changed them after they were planned.
     pub replanned: usize,
+    /// Times the change was carried onto a newer table state (another writer committed
+    /// first) keeping its files, if only for some buckets.
+    pub rebases: u32,
     pub timings: Timings,
 }
 
@@ -364,6 +400,35 @@ fn take_stale(
     buckets.iter().filter_map(|b| planned.remove(b)).collect()
 }
 
+/// Under a commit lock: reloads the table and, if it moved since `state`, drops the changes
+/// that no longer fit and plans them again (their files deleted unless `keep_files`). Returns the new state and how many buckets were
+/// planned again, or None if nothing moved.
+async fn catch_up(
+    store: &Store,
+    id: &TableId,
+    planner: &mut dyn Planner,
+    planned: &mut BTreeMap<i32, BucketChange>,
+    planned_on: &TableState,
+    state: &TableState,
+    keep_files: bool,
+) -> Result<Option<(Arc<TableState>, usize)>> {
+    let now = store.current(id, Duration::ZERO).await?;
+    if now.metadata_location == state.metadata_location {
+        return Ok(None);
+    }
+    let stale = take_stale(planner, planned, planned_on, &now);
+    let n = stale.len();
+    if n > 0 {
+        let fresh = planner.plan(&now, Some(&stale)).await;
+        if !keep_files {
+            let paths: Vec<String> = stale.iter().flat_map(BucketChange::written_paths).collect();
+            delete_quietly(&store.file_io, id, &paths).await;
+        }
+        planned.extend(fresh?.into_iter().map(|c| (c.bucket, c)));
+    }
+    Ok(Some((now, n)))
+}
+
 /// Plans on the current table, commits one snapshot, and on a conflict rebases: buckets the
 /// winner did not touch keep their files; the others (or all, when the schema moved) are
 /// planned again. Up to `commit_max_retries` retries, with backoff.
@@ -384,6 +449,7 @@ pub async fn commit_buckets(
     let mut want: Option<Vec<BucketChange>> = None;
     let mut must_plan = true;
     let mut replanned = 0;
+    let mut rebases = 0;
     // Once an attempt's outcome is unknown, the catalog may yet commit it, files and all: from
     // then on nothing planned before is deleted (orphans at worst).
     let mut keep_files = false;
@@ -458,8 +524,49 @@ pub async fn commit_buckets(
                 attempts: attempt,
                 changes: planned.into_values().collect(),
                 replanned,
+                rebases,
                 timings: t,
             });
+        }
+        let started = std::time::Instant::now();
+        let held = match lock(store, id).await {
+            Ok(held) => held,
+            Err(e) => {
+                discard(planned.into_values().collect(), keep_files).await;
+                return Err(e.in_table(id));
+            }
+        };
+        t.catalog_us += micros(started);
+        if held.is_some() {
+            // Under the lock no writer of this protocol commits: whatever landed since the
+            // plan is folded in now (rebase, or a re-plan of the buckets it touched) rather
+            // than found by a failed swap.
+            let started = std::time::Instant::now();
+            let caught_up = catch_up(
+                store,
+                id,
+                planner,
+                &mut planned,
+                &planned_on,
+                &state,
+                keep_files,
+            )
+            .await;
+            t.state_us += micros(started);
+            match caught_up {
+                Ok(None) => {}
+                Ok(Some((now, n))) => {
+                    replanned += n;
+                    rebases += u32::from(!planned.is_empty());
+                    planned_on = now.clone();
+                    state = now;
+                }
+                Err(e) => {
+                    unlock(store, held).await;
+                    discard(planned.into_values().collect(), keep_files).await;
+                    return Err(e.in_table(id));
+                }
+            }
         }
         let started = std::time::Instant::now();
         let prepared = match snapshot_changes(store, &state, &planned, planner.compaction()) {
@@ -469,6 +576,7 @@ pub async fn commit_buckets(
         let prepared = match prepared {
             Ok(p) => p,
             Err(e) => {
+                unlock(store, held).await;
                 discard(planned.into_values().collect(), keep_files).await;
                 return Err(e.in_table(id));
             }
@@ -479,6 +587,7 @@ pub async fn commit_buckets(
             .flat_map(BucketChange::written_paths)
             .chain(prepared.written.iter().cloned());
         if let Err(e) = crate::storage::sync_files(publish).await {
+            unlock(store, held).await;
             delete_quietly(&store.file_io, id, &prepared.written).await;
             discard(planned.into_values().collect(), keep_files).await;
             return Err(e.in_table(id));
@@ -487,7 +596,7 @@ pub async fn commit_buckets(
         // A catalog error may come after the swap was sent (a lost connection): the commit
         // may have landed, so nothing is deleted then.
         let started = std::time::Instant::now();
-        let landed = commit(store, &state, &prepared)
+        let landed = commit(store, &state, &prepared, held)
             .await
             .map_err(|e| e.in_table(id))?;
         t.catalog_us += micros(started);
@@ -503,6 +612,7 @@ pub async fn commit_buckets(
                     attempts: attempt,
                     changes: planned.into_values().collect(),
                     replanned,
+                    rebases,
                     timings: t,
                 });
             }
@@ -525,6 +635,7 @@ pub async fn commit_buckets(
         state = store.current(id, Duration::ZERO).await?;
         t.state_us += micros(started);
         let dropped = take_stale(planner, &mut planned, &planned_on, &state);
+        rebases += u32::from(!planned.is_empty());
         if !dropped.is_empty() {
             replanned += dropped.len();
             want = Some(dropped);

@@ -84,6 +84,8 @@ pub struct WriteReport {
     /// Buckets planned again at commit time because another writer changed them first (the
     /// others were rebased: their files kept, only the snapshot rebuilt).
     pub replanned_buckets: usize,
+    /// Times the write was carried onto another writer's newer commit keeping its files.
+    pub rebases: u32,
     /// Where the commit's time went (the last write's, for summed reports).
     pub timings: commit::Timings,
     pub snapshot_id: Option<i64>,
@@ -104,6 +106,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
             merge_on_read_buckets,
             attempts,
             replanned_buckets,
+            rebases,
             timings,
             snapshot_id,
         } = later;
@@ -116,6 +119,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
         self.merge_on_read_buckets += merge_on_read_buckets;
         self.attempts += attempts;
         self.replanned_buckets += replanned_buckets;
+        self.rebases += rebases;
         self.timings = *timings;
         self.snapshot_id = snapshot_id.or(self.snapshot_id);
     }
@@ -654,6 +658,7 @@ fn report(done: Committed) -> WriteReport {
     let mut report = WriteReport {
         attempts: done.attempts,
         replanned_buckets: done.replanned,
+        rebases: done.rebases,
         timings: done.timings,
         snapshot_id: done.snapshot_id,
         ..WriteReport::default()
