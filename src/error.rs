@@ -26,6 +26,17 @@ pub enum Error {
     /// Other writers kept committing first; nothing was committed.
     #[error("commit conflict on {table}: gave up after {attempts} attempts")]
     CommitConflict { table: String, attempts: u32 },
+    /// The last commit attempt's outcome is unknown (the catalog failed mid-request) and no
+    /// attempt is known to have landed: the table is consistent, the rows may or may not be in.
+    #[error(
+        "commit to {table} gave up after {attempts} attempts; the last one's outcome is \
+         unknown (the rows may or may not be committed; writing them again is safe): {detail}"
+    )]
+    CommitUnknown {
+        table: String,
+        attempts: u32,
+        detail: String,
+    },
     /// The catalog could not be reached or rejected the request.
     #[error("catalog error: {0}")]
     Catalog(String),

@@ -33,7 +33,7 @@ use crate::convert::{
 use crate::error::{Error, Result};
 use crate::schema::{Column, ColumnKind, Layout, Scalar};
 use crate::store::Store;
-use crate::write::{WriteReport, upsert_batch};
+use crate::write::{Token, WriteReport, stage_batch, upsert_batch};
 
 /// Where the table's columns are in the offline-store result.
 #[derive(Clone, Debug, Default)]
@@ -61,14 +61,31 @@ struct Mapped {
     source: usize,
 }
 
-/// The source columns resolved against a stream's schema and checked against the table.
-pub struct Resolved {
+/// The join-key columns of a stream, resolved: what the entity key is built from.
+pub struct KeyColumns {
     /// Join keys sorted by name: Feast's entity-key encoding orders them so.
     keys: Vec<Mapped>,
+    key_header: Vec<u8>,
+}
+
+/// The source columns resolved against a stream's schema and checked against the table.
+pub struct Resolved {
+    key: KeyColumns,
     features: Vec<Mapped>,
     event_ts: usize,
     created_ts: Option<usize>,
-    key_header: Vec<u8>,
+}
+
+/// A source column mapped to `table_col`, if its type converts natively.
+fn map_column(schema: &Schema, table_col: &Column, source: &str, what: &str) -> Result<Mapped> {
+    let source = source_index(schema, source, what)?;
+    if let Some(why) = unsupported(table_col, schema.field(source).data_type()) {
+        return Err(Error::schema(why));
+    }
+    Ok(Mapped {
+        col: table_col.clone(),
+        source,
+    })
 }
 
 /// Whether a source column of type `dt` holds values of Feast scalar kind `s` that the proto
@@ -143,47 +160,7 @@ impl Resolved {
     /// a `SchemaMismatch` error says which does not (the caller may fall back to the proto path:
     /// nothing has been read or written yet).
     pub fn new(layout: &Layout, cols: &SourceColumns, schema: &Schema) -> Result<Self> {
-        let map = |table_col: &Column, source: &str, what: &str| -> Result<Mapped> {
-            let source = source_index(schema, source, what)?;
-            if let Some(why) = unsupported(table_col, schema.field(source).data_type()) {
-                return Err(Error::schema(why));
-            }
-            Ok(Mapped {
-                col: table_col.clone(),
-                source,
-            })
-        };
-        let mut keys = Vec::with_capacity(layout.join_keys.len());
-        for col in &layout.join_keys {
-            let (_, source) = cols
-                .join_keys
-                .iter()
-                .find(|(name, _)| *name == col.name)
-                .ok_or_else(|| Error::schema(format!("join key {:?} is not mapped", col.name)))?;
-            if !matches!(
-                col.kind,
-                ColumnKind::Scalar(Scalar::Int32 | Scalar::Int64 | Scalar::String | Scalar::Bytes)
-            ) {
-                return Err(Error::schema(format!(
-                    "join key {:?} has Feast ValueType {}, which only the proto path serializes",
-                    col.name, col.value_type
-                )));
-            }
-            keys.push(map(col, source, "join key")?);
-        }
-        if let Some((name, _)) = cols
-            .join_keys
-            .iter()
-            .find(|(name, _)| !layout.join_keys.iter().any(|c| c.name == *name))
-        {
-            return Err(Error::schema(format!(
-                "{name:?} is not a join key of the table"
-            )));
-        }
-        keys.sort_by(|a, b| a.col.name.cmp(&b.col.name));
-        let names: Vec<&str> = keys.iter().map(|k| k.col.name.as_str()).collect();
-        let key_header = entity_key_header(&names)?;
-
+        let key = KeyColumns::new(layout, &cols.join_keys, schema)?;
         let mut features = Vec::with_capacity(cols.features.len());
         for (name, source) in &cols.features {
             let col = layout.feature(name).ok_or_else(|| {
@@ -192,10 +169,10 @@ impl Resolved {
                      adding features)"
                 ))
             })?;
-            features.push(map(col, source, "feature")?);
+            features.push(map_column(schema, col, source, "feature")?);
         }
         Ok(Self {
-            keys,
+            key,
             features,
             event_ts: timestamp_source(schema, &cols.event_ts, "event timestamp")?,
             created_ts: cols
@@ -203,7 +180,6 @@ impl Resolved {
                 .as_deref()
                 .map(|c| timestamp_source(schema, c, "created timestamp"))
                 .transpose()?,
-            key_header,
         })
     }
 
@@ -218,19 +194,9 @@ impl Resolved {
     ) -> Result<RecordBatch> {
         let rows = batch.num_rows();
         let mut columns: Vec<Option<ArrayRef>> = vec![None; layout.arrow.fields().len()];
-        let typed_keys = self
-            .keys
-            .iter()
-            .map(|m| {
-                to_table_array(
-                    &m.col,
-                    layout.arrow.field(m.col.index).data_type(),
-                    batch.column(m.source),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        columns[layout.entity_key] = Some(self.entity_keys(&typed_keys, rows, first_row)?);
-        for (m, array) in self.keys.iter().zip(typed_keys) {
+        let (typed_keys, entity_keys) = self.key.convert(layout, batch, first_row)?;
+        columns[layout.entity_key] = Some(entity_keys);
+        for (m, array) in self.key.keys.iter().zip(typed_keys) {
             columns[m.col.index] = Some(array);
         }
         for m in &self.features {
@@ -251,6 +217,79 @@ impl Resolved {
             columns[layout.created_ts] = Some(Arc::new(created));
         }
         table_batch(layout, columns, rows)
+    }
+}
+
+impl KeyColumns {
+    /// Checks that `schema` provides every join key of the table in a type converted natively.
+    pub fn new(layout: &Layout, join_keys: &[(String, String)], schema: &Schema) -> Result<Self> {
+        let mut keys = Vec::with_capacity(layout.join_keys.len());
+        for col in &layout.join_keys {
+            let (_, source) = join_keys
+                .iter()
+                .find(|(name, _)| *name == col.name)
+                .ok_or_else(|| Error::schema(format!("join key {:?} is not mapped", col.name)))?;
+            if !matches!(
+                col.kind,
+                ColumnKind::Scalar(Scalar::Int32 | Scalar::Int64 | Scalar::String | Scalar::Bytes)
+            ) {
+                return Err(Error::schema(format!(
+                    "join key {:?} has Feast ValueType {}, which only the proto path serializes",
+                    col.name, col.value_type
+                )));
+            }
+            keys.push(map_column(schema, col, source, "join key")?);
+        }
+        if let Some((name, _)) = join_keys
+            .iter()
+            .find(|(name, _)| !layout.join_keys.iter().any(|c| c.name == *name))
+        {
+            return Err(Error::schema(format!(
+                "{name:?} is not a join key of the table"
+            )));
+        }
+        keys.sort_by(|a, b| a.col.name.cmp(&b.col.name));
+        let names: Vec<&str> = keys.iter().map(|k| k.col.name.as_str()).collect();
+        let key_header = entity_key_header(&names)?;
+
+        Ok(Self { keys, key_header })
+    }
+
+    /// The join-key columns of `batch` in table types, and the entity key per row.
+    fn convert(
+        &self,
+        layout: &Layout,
+        batch: &RecordBatch,
+        first_row: usize,
+    ) -> Result<(Vec<ArrayRef>, ArrayRef)> {
+        let typed = self
+            .keys
+            .iter()
+            .map(|m| {
+                to_table_array(
+                    &m.col,
+                    layout.arrow.field(m.col.index).data_type(),
+                    batch.column(m.source),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let keys = self.entity_keys(&typed, batch.num_rows(), first_row)?;
+        Ok((typed, keys))
+    }
+
+    /// The Iceberg bucket of each row's entity key (what a distributed write repartitions by).
+    pub fn buckets(
+        &self,
+        layout: &Layout,
+        batch: &RecordBatch,
+        first_row: usize,
+    ) -> Result<Vec<i32>> {
+        let (_, keys) = self.convert(layout, batch, first_row)?;
+        let keys = keys
+            .as_any()
+            .downcast_ref::<arrow_array::LargeBinaryArray>()
+            .ok_or_else(|| Error::internal("entity keys are not large binary"))?;
+        crate::read::buckets(keys, layout.buckets)
     }
 
     /// Feast's serialized entity key per row, from the join-key columns in table types.
@@ -523,6 +562,71 @@ async fn commit_chunk(
     Ok(())
 }
 
+/// Reads the whole stream and converts it for the table (every value checked before any I/O).
+async fn convert_all(
+    store: &Store,
+    table: &str,
+    cols: &SourceColumns,
+    schema: &Schema,
+    batches: impl Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send,
+) -> Result<(Arc<Layout>, usize, RecordBatch)> {
+    let id = store.table_id(table)?;
+    let state = store.current(&id, Duration::ZERO).await?;
+    let layout = state.layout.clone();
+    let resolved = Resolved::new(&layout, cols, schema)
+        .map_err(|e| e.context(format!("materializing into {id}")))?;
+    let mut parts = Vec::new();
+    let mut rows = 0;
+    for batch in batches {
+        let batch = batch.map_err(|e| Error::input(format!("reading the offline result: {e}")))?;
+        parts.push(
+            resolved
+                .convert(&layout, &batch, rows)
+                .map_err(|e| e.context(format!("materializing into {id}")))?,
+        );
+        rows += batch.num_rows();
+    }
+    let all = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
+    Ok((layout, rows, all))
+}
+
+/// Stages every row of the stream (one task's share of a distributed materialization): the
+/// rows' buckets are written under the job's attempt directory and described by the token the
+/// driver commits (`write::stage`). Returns the rows read and the token.
+pub async fn stage(
+    store: &Store,
+    table: &str,
+    cols: &SourceColumns,
+    schema: &Schema,
+    batches: impl Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send,
+    job: &str,
+    attempt: &str,
+) -> Result<(usize, Token)> {
+    let (_, rows, batch) = convert_all(store, table, cols, schema, batches).await?;
+    let token = stage_batch(store, table, batch, job, attempt).await?;
+    Ok((rows, token))
+}
+
+/// The Iceberg bucket of each row's entity key, built from the join-key columns `join_keys`
+/// (table column, source column) of the stream.
+pub async fn buckets(
+    store: &Store,
+    table: &str,
+    join_keys: &[(String, String)],
+    schema: &Schema,
+    batches: impl Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send,
+) -> Result<Vec<i32>> {
+    let id = store.table_id(table)?;
+    let state = store.current(&id, Duration::ZERO).await?;
+    let keys = KeyColumns::new(&state.layout, join_keys, schema).map_err(|e| e.context(&id))?;
+    let mut out = Vec::new();
+    for batch in batches {
+        let batch = batch.map_err(|e| Error::input(format!("reading the offline result: {e}")))?;
+        out.extend(keys.buckets(&state.layout, &batch, out.len())?);
+    }
+    Ok(out)
+}
+
 /// Checks a stream's schema against the table without reading or writing anything.
 pub async fn check(
     store: &Store,
@@ -725,12 +829,9 @@ mod tests {
             mapped("raw", 1),
             mapped("zone", 2),
         ];
-        let resolved = Resolved {
+        let resolved = KeyColumns {
             key_header: entity_key_header(&["driver_id", "n", "raw", "zone"]).unwrap(),
             keys,
-            features: Vec::new(),
-            event_ts: 0,
-            created_ts: None,
         };
         let typed: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from(vec![1001, -7])),
@@ -778,6 +879,7 @@ mod tests {
             delete_files_added: n + 5,
             merge_on_read_buckets: n + 6,
             attempts: 1,
+            replanned_buckets: n + 7,
             snapshot_id: snapshot,
         };
         let mut total = WriteReport::default();
@@ -794,5 +896,6 @@ mod tests {
             (45, 48)
         );
         assert_eq!((total.attempts, total.snapshot_id), (3, Some(2)));
+        assert_eq!(total.replanned_buckets, 51);
     }
 }

@@ -9,6 +9,7 @@
 //! (ties them up).
 
 pub mod catalog;
+pub mod commit;
 pub mod config;
 pub mod convert;
 pub mod error;

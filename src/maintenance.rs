@@ -17,12 +17,13 @@ use iceberg::spec::{MAIN_BRANCH, Snapshot, TableMetadata};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::commit::delete_quietly;
 use crate::error::{Error, Result};
 use crate::read::{BucketDeletes, keys_of_column};
 use crate::schema::ENTITY_KEY;
 use crate::store::Store;
 use crate::table::LiveFile;
-use crate::write::{WriteReport, compact, compaction_buckets, delete_quietly};
+use crate::write::{WriteReport, compact, compaction_buckets};
 
 /// Snapshot ids that branches or tags other than main point at. iceberg-rust keeps `refs`
 /// crate-private, so they are read from the metadata's JSON form.

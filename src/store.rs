@@ -14,7 +14,8 @@ use iceberg::spec::{
 };
 use tokio::sync::OnceCell;
 
-use crate::catalog::{self, Catalog, CommitOutcome, TableId};
+use crate::catalog::{self, Catalog, Loaded, TableId};
+use crate::commit::{self, Changes, PreparedCommit, Step, delete_quietly};
 use crate::config::{CatalogType, StoreConfig};
 use crate::convert::{WriteInput, decode_entity_key, decode_value, serialize_entity_key};
 use crate::error::{Error, Result};
@@ -24,8 +25,8 @@ use crate::proto::{EntityKey, Value};
 use crate::read::{self, DataFiles, Hit, ReadOutput, Wanted};
 use crate::schema::{self, ColumnSpec, ENTITY_KEY, PROP_BUCKETS};
 use crate::storage::{self, IoStats};
-use crate::table::{LiveFile, SnapshotFiles, TableState};
-use crate::write::{self, Changes, PreparedCommit, WriteReport, delete_quietly};
+use crate::table::{SnapshotFiles, TableState};
+use crate::write::{self, WriteReport};
 
 pub struct Store {
     pub(crate) config: StoreConfig,
@@ -40,16 +41,6 @@ pub struct Store {
     /// Tables whose metadata is being revalidated in the background (one refresh at a time).
     refreshing: Mutex<HashSet<TableId>>,
     _metrics: metrics::Registration,
-}
-
-/// Whether a commit is now the table's current state.
-#[derive(Debug)]
-pub(crate) enum Landed {
-    Yes(Arc<TableState>),
-    /// Another writer won; our files are ours alone and may be deleted.
-    Conflict,
-    /// Not visible after reconciling, yet the catalog may still apply it: keep our files.
-    Unknown,
 }
 
 /// Stats of one table's current state.
@@ -423,61 +414,24 @@ impl Store {
         )
     }
 
-    /// Commits a prepared metadata version through the catalog. A commit whose fate is unknown
-    /// (REST 5xx) is reconciled first: if the catalog now names our snapshot, it landed.
-    pub(crate) async fn commit(
-        &self,
-        base: &TableState,
-        prepared: &PreparedCommit,
-    ) -> Result<Landed> {
-        let landed = self.commit_uncounted(base, prepared).await;
-        let outcome = match &landed {
-            Ok(Landed::Yes(_)) => metrics::Commit::Committed,
-            Ok(Landed::Conflict) => metrics::Commit::Conflict,
-            Ok(Landed::Unknown) => metrics::Commit::Unknown,
-            Err(_) => metrics::Commit::Error,
-        };
-        metrics::commit_done(&base.id, outcome);
-        landed
-    }
-
-    async fn commit_uncounted(
-        &self,
-        base: &TableState,
-        prepared: &PreparedCommit,
-    ) -> Result<Landed> {
-        let catalog = self.catalog().await?;
-        let loaded = match catalog.commit(base, prepared, &self.file_io).await? {
-            CommitOutcome::Committed(loaded) => loaded,
-            CommitOutcome::Conflict => return Ok(Landed::Conflict),
-            CommitOutcome::Unknown(_) => {
-                let now = self.current(&base.id, Duration::ZERO).await?;
-                let ours = prepared
-                    .snapshot_id
-                    .is_some_and(|id| now.metadata.snapshot_by_id(id).is_some());
-                return Ok(if ours {
-                    Landed::Yes(now)
-                } else {
-                    Landed::Unknown
-                });
-            }
-        };
+    /// The state a commit the catalog accepted produced, cached as the table's current one.
+    pub(crate) async fn installed(&self, id: &TableId, loaded: Loaded) -> Result<Arc<TableState>> {
         let state = match loaded.metadata {
             Some(metadata) => Arc::new(
                 TableState::from_metadata(
                     &self.file_io,
                     &self.io.metadata,
-                    base.id.clone(),
+                    id.clone(),
                     loaded.location,
                     Arc::from(metadata),
                 )
                 .await?,
             ),
-            None => Arc::new(self.load_state(&base.id, loaded.location).await?),
+            None => Arc::new(self.load_state(id, loaded.location).await?),
         };
         self.remember_snapshot(&state);
         self.install(state.clone());
-        Ok(Landed::Yes(state))
+        Ok(state)
     }
 
     /// Deletes metadata.json files that fell out of the log, unless the catalog manages them.
@@ -503,9 +457,7 @@ impl Store {
         after: &TableState,
         prepared: &PreparedCommit,
         expired: &[i64],
-        replaced: &[Arc<LiveFile>],
     ) {
-        let _ = replaced;
         self.forget_replaced(before, after);
         if !expired.is_empty() {
             let mut doomed: HashSet<String> = HashSet::new();
@@ -673,39 +625,36 @@ impl Store {
         features: &[ColumnSpec],
     ) -> Result<()> {
         let id = self.table_id(table)?;
-        let catalog = self.catalog().await?;
-        for _ in 0..=self.config.commit_max_retries {
-            match self.current(&id, Duration::ZERO).await {
-                Ok(state) => {
-                    if self.evolve(&state, join_keys, features).await? {
-                        return Ok(());
-                    }
+        match self.current(&id, Duration::ZERO).await {
+            Ok(_) => {}
+            Err(Error::TableNotFound(_)) => {
+                let md = self.new_metadata(&id, join_keys, features)?;
+                let catalog = self.catalog().await?;
+                catalog.ensure_namespace(&id.namespace).await?;
+                if catalog.create(&id, &md, &self.file_io).await? {
+                    return Ok(());
                 }
-                Err(Error::TableNotFound(_)) => {
-                    let md = self.new_metadata(&id, join_keys, features)?;
-                    catalog.ensure_namespace(&id.namespace).await?;
-                    if catalog.create(&id, &md, &self.file_io).await? {
-                        return Ok(());
-                    }
-                    // Another process created it first: evolve theirs instead.
-                }
-                Err(e) => return Err(e),
+                // Another process created it first: evolve theirs instead.
             }
+            Err(e) => return Err(e),
         }
-        Err(Error::CommitConflict {
-            table: id.to_string(),
-            attempts: self.config.commit_max_retries + 1,
+        commit::metadata_commit(self, &id, |state| {
+            Ok(match Self::evolution(state, features)? {
+                Some(updates) => Step::Commit(
+                    Changes {
+                        updates,
+                        ..Changes::default()
+                    },
+                    (),
+                ),
+                None => Step::Done(()),
+            })
         })
+        .await
     }
 
-    /// Adds missing feature columns. True when the table is up to date afterwards, false on a
-    /// commit conflict (the caller reloads and retries).
-    async fn evolve(
-        &self,
-        state: &Arc<TableState>,
-        join_keys: &[ColumnSpec],
-        features: &[ColumnSpec],
-    ) -> Result<bool> {
+    /// The metadata updates that add the missing feature columns, or None if there are none.
+    fn evolution(state: &TableState, features: &[ColumnSpec]) -> Result<Option<Vec<TableUpdate>>> {
         let md = &state.metadata;
         let mut declared = schema::declared_types(md)?;
         let Some(new_schema) = schema::evolved_schema(
@@ -715,7 +664,7 @@ impl Store {
             md.last_column_id(),
         )?
         else {
-            return Ok(true);
+            return Ok(None);
         };
         declared.extend(features.iter().map(|c| (c.name.clone(), c.value_type)));
         let existing_join: Vec<ColumnSpec> = state
@@ -727,36 +676,14 @@ impl Store {
                 value_type: c.value_type,
             })
             .collect();
-        let _ = join_keys;
-        let updates = vec![
+        Ok(Some(vec![
             TableUpdate::AddSchema { schema: new_schema },
             // -1: the schema added by this commit, whatever id the catalog gives it.
             TableUpdate::SetCurrentSchema { schema_id: -1 },
             TableUpdate::SetProperties {
                 updates: schema::type_properties(&existing_join, &declared)?,
             },
-        ];
-        let prepared = write::prepare(
-            &self.file_io,
-            state,
-            Changes {
-                updates,
-                ..Changes::default()
-            },
-        )
-        .await?;
-        match self.commit(state, &prepared).await? {
-            Landed::Yes(_) => {
-                self.retire_metadata(&prepared).await;
-                Ok(true)
-            }
-            Landed::Conflict => {
-                delete_quietly(&self.file_io, &state.id, &prepared.written).await;
-                Ok(false)
-            }
-            // Reloaded by the caller; a schema that landed is then found up to date.
-            Landed::Unknown => Ok(false),
-        }
+        ]))
     }
 
     /// Unregisters the table and deletes its files. False if it did not exist.
@@ -963,36 +890,21 @@ impl Store {
     /// snapshots were (on a dry run: would be) expired.
     pub async fn expire(&self, table: &str, dry_run: bool) -> Result<usize> {
         let id = self.table_id(table)?;
-        for _ in 0..=self.config.commit_max_retries {
-            let state = self.current(&id, Duration::ZERO).await?;
+        commit::metadata_commit(self, &id, |state| {
             let expire = self.expirable(&state.metadata, false);
-            if expire.is_empty() || dry_run {
-                return Ok(expire.len());
-            }
-            let prepared = write::prepare(
-                &self.file_io,
-                &state,
-                Changes {
-                    expire: expire.clone(),
-                    ..Changes::default()
-                },
-            )
-            .await?;
-            match self.commit(&state, &prepared).await? {
-                Landed::Yes(new_state) => {
-                    self.after_commit(&state, &new_state, &prepared, &expire, &[])
-                        .await;
-                    return Ok(expire.len());
-                }
-                Landed::Conflict => {
-                    delete_quietly(&self.file_io, &state.id, &prepared.written).await
-                }
-                Landed::Unknown => 0,
-            };
-        }
-        Err(Error::CommitConflict {
-            table: id.to_string(),
-            attempts: self.config.commit_max_retries + 1,
+            let n = expire.len();
+            Ok(if expire.is_empty() || dry_run {
+                Step::Done(n)
+            } else {
+                Step::Commit(
+                    Changes {
+                        expire,
+                        ..Changes::default()
+                    },
+                    n,
+                )
+            })
         })
+        .await
     }
 }

@@ -8,6 +8,7 @@ from .config import IcebergOnlineStoreConfig
 from .exceptions import (
     CatalogError,
     CommitConflictError,
+    CommitStateUnknownError,
     ConfigError,
     ConversionError,
     CorruptTableError,
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CatalogError",
     "CommitConflictError",
+    "CommitStateUnknownError",
     "ConfigError",
     "ConversionError",
     "CorruptTableError",

@@ -26,6 +26,7 @@ __all__ = [
     "InvalidInputError",
     "TableNotFoundError",
     "CommitConflictError",
+    "CommitStateUnknownError",
     "CatalogError",
     "StorageError",
     "CorruptTableError",
@@ -38,6 +39,11 @@ __all__ = [
     "serialize_entity_keys",
     "check_arrow",
     "write_arrow",
+    "table_buckets",
+    "arrow_buckets",
+    "stage_arrow",
+    "commit_staged",
+    "discard_staged",
     "metrics_snapshot",
     "set_metrics_enabled",
 ]
@@ -61,6 +67,10 @@ class TableNotFoundError(FeastIcebergError, KeyError):
 
 class CommitConflictError(FeastIcebergError):
     """Concurrent writers kept winning; the batch was not committed after all retries."""
+
+class CommitStateUnknownError(CommitConflictError):
+    """The catalog failed mid-commit and no attempt is known to have landed; the table is
+    consistent and writing the rows again is safe."""
 
 class CatalogError(FeastIcebergError):
     """The catalog could not be reached or answered with an error."""
@@ -226,6 +236,44 @@ def write_arrow(
     RecordBatchReader), converted in Rust with Feast's conversion rules, one atomic snapshot per
     chunk of at most `chunk_rows` rows. Returns the write report summed over the chunks, plus
     rows_read and chunks."""
+
+def table_buckets(store: Store, table: str) -> int:
+    """The table's bucket count (the N of its bucket[N](entity_key) partitioning)."""
+
+def arrow_buckets(
+    store: Store,
+    table: str,
+    data: Any,
+    join_keys: list[tuple[str, str]],
+) -> list[int]:
+    """The Iceberg bucket of each row's entity key, in row order, built from the join-key
+    columns of `data` (any object with `__arrow_c_stream__`): what a distributed engine
+    repartitions rows by, so that one task writes each bucket."""
+
+def stage_arrow(
+    store: Store,
+    table: str,
+    data: Any,
+    join_keys: list[tuple[str, str]],
+    features: list[tuple[str, str]],
+    event_ts: str,
+    created_ts: str | None = None,
+    *,
+    job: str,
+    attempt: str,
+) -> bytes:
+    """One task's share of a distributed materialization: converts every row of `data`,
+    writes the buckets they touch under `<table>/data/_staged/<job>/<attempt>/` against the
+    table's current state, and returns a token for `commit_staged`. Nothing is visible until
+    then; on an error nothing is left behind."""
+
+def commit_staged(store: Store, table: str, tokens: list[bytes]) -> WriteReport:
+    """Commits the buckets of every token in one snapshot; buckets another writer changed
+    after they were staged are merged again from the staged rows (`replanned_buckets`)."""
+
+def discard_staged(store: Store, table: str, job: str, keep: list[bytes]) -> int:
+    """Deletes every file under the job's staging directory that neither the table nor a token
+    in `keep` references (failed, killed or speculative attempts); returns how many."""
 
 def metrics_snapshot() -> MetricsSnapshot:
     """Everything the process's stores have counted (read latencies, commits, cache, storage,

@@ -3,6 +3,7 @@
 from ._internal import (
     CatalogError,
     CommitConflictError,
+    CommitStateUnknownError,
     ConfigError,
     ConversionError,
     CorruptTableError,
@@ -20,6 +21,7 @@ from ._internal import (
 __all__ = [
     "CatalogError",
     "CommitConflictError",
+    "CommitStateUnknownError",
     "ConfigError",
     "ConversionError",
     "CorruptTableError",

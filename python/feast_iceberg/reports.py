@@ -24,6 +24,9 @@ class WriteReport(TypedDict):
     # Buckets written merge-on-read (the others of `buckets` were rewritten).
     merge_on_read_buckets: int
     attempts: int
+    # Buckets merged again at commit time because another writer changed them first (the
+    # others were rebased onto the winner's snapshot without rewriting a file).
+    replanned_buckets: int
     # The snapshot committed; None when nothing changed.
     snapshot_id: int | None
 

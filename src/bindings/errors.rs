@@ -18,6 +18,7 @@ struct Classes {
     input: Py<PyType>,
     not_found: Py<PyType>,
     conflict: Py<PyType>,
+    unknown: Py<PyType>,
     catalog: Py<PyType>,
     storage: Py<PyType>,
     corrupt: Py<PyType>,
@@ -61,6 +62,12 @@ fn build(py: Python<'_>) -> PyResult<Classes> {
         bases.extend(extra.cloned());
         make(py, name, &bases, doc)
     };
+    let conflict = sub(
+        "CommitConflictError",
+        None,
+        "Concurrent writers kept winning; the batch was not committed.",
+    )?;
+    let conflict_type = conflict.bind(py).clone();
     Ok(Classes {
         config: sub(
             "ConfigError",
@@ -82,11 +89,14 @@ fn build(py: Python<'_>) -> PyResult<Classes> {
             Some(&py.get_type::<PyKeyError>()),
             "The feature view's table does not exist (run `feast apply`).",
         )?,
-        conflict: sub(
-            "CommitConflictError",
-            None,
-            "Concurrent writers kept winning; the batch was not committed.",
+        unknown: make(
+            py,
+            "CommitStateUnknownError",
+            &[conflict_type],
+            "The catalog failed mid-commit and no attempt is known to have landed; the table \
+             is consistent and writing the rows again is safe.",
         )?,
+        conflict,
         catalog: sub(
             "CatalogError",
             None,
@@ -142,6 +152,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         ("InvalidInputError", &c.input),
         ("TableNotFoundError", &c.not_found),
         ("CommitConflictError", &c.conflict),
+        ("CommitStateUnknownError", &c.unknown),
         ("CatalogError", &c.catalog),
         ("StorageError", &c.storage),
         ("CorruptTableError", &c.corrupt),
@@ -167,6 +178,7 @@ pub fn to_py(err: Error) -> PyErr {
             Error::InvalidInput(_) => &c.input,
             Error::TableNotFound(_) => &c.not_found,
             Error::CommitConflict { .. } => &c.conflict,
+            Error::CommitUnknown { .. } => &c.unknown,
             Error::Catalog(_) => &c.catalog,
             Error::Storage(_) | Error::FileNotFound(_) => &c.storage,
             Error::CorruptTable { .. } => &c.corrupt,

@@ -378,6 +378,7 @@ fn write_report<'py>(py: Python<'py>, report: &WriteReport) -> PyResult<Bound<'p
     d.set_item("delete_files_added", report.delete_files_added)?;
     d.set_item("merge_on_read_buckets", report.merge_on_read_buckets)?;
     d.set_item("attempts", report.attempts)?;
+    d.set_item("replanned_buckets", report.replanned_buckets)?;
     d.set_item("snapshot_id", report.snapshot_id)?;
     Ok(d)
 }

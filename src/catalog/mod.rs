@@ -12,10 +12,10 @@ use async_trait::async_trait;
 use iceberg::io::FileIO;
 use iceberg::spec::TableMetadata;
 
+use crate::commit::PreparedCommit;
 use crate::config::{CatalogType, StoreConfig};
 use crate::error::{Error, Result};
 use crate::table::TableState;
-use crate::write::PreparedCommit;
 
 /// Namespace + table name. A namespace may have levels separated by dots (`team.feast`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

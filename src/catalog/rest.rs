@@ -20,10 +20,10 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::{Catalog, CommitOutcome, Loaded, TableId};
+use crate::commit::PreparedCommit;
 use crate::config::{StoreConfig, redact_uri};
 use crate::error::{Error, Result};
 use crate::table::TableState;
-use crate::write::PreparedCommit;
 
 /// Refresh a token this long before the server says it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);

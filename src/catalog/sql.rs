@@ -13,10 +13,10 @@ use iceberg::io::FileIO;
 use iceberg::spec::TableMetadata;
 
 use super::{Catalog, CommitOutcome, Loaded, TableId};
+use crate::commit::{PreparedCommit, delete_quietly};
 use crate::config::{StoreConfig, redact_uri};
 use crate::error::{Error, Result};
 use crate::table::TableState;
-use crate::write::{PreparedCommit, delete_quietly};
 
 const CREATE_TABLES: &str = "CREATE TABLE IF NOT EXISTS iceberg_tables (
     catalog_name VARCHAR(255) NOT NULL,

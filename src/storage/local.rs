@@ -22,6 +22,28 @@ use serde::{Deserialize, Serialize};
 pub struct LocalStorage;
 
 /// `file:///p`, `file:/p` and `/p` -> `/p`, as `LocalFsStorage` reads them.
+/// Collects the paths of every file under `dir`, relative to `root`, joined with '/'.
+pub(super) fn walk(
+    root: &std::path::Path,
+    dir: &std::path::Path,
+    out: &mut Vec<String>,
+) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, out)?;
+        } else if let Ok(rel) = path.strip_prefix(root) {
+            let parts: Vec<String> = rel
+                .components()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .collect();
+            out.push(parts.join("/"));
+        }
+    }
+    Ok(())
+}
+
 fn local_path(path: &str) -> PathBuf {
     let stripped = path
         .strip_prefix("file://")

@@ -144,6 +144,35 @@ pub fn file_io(config: &StoreConfig) -> Result<FileIO> {
     Ok(FileIOBuilder::new(Arc::new(RoutedFactory { storage })).build())
 }
 
+/// Every file under the directory `dir` (recursively), as `dir/<relative path>`. A missing
+/// directory holds no files.
+pub async fn list_files(config: &StoreConfig, dir: &str) -> Result<Vec<String>> {
+    let dir = dir.trim_end_matches('/');
+    if is_s3(dir) {
+        let s3_props: BTreeMap<String, String> = config
+            .storage_options
+            .iter()
+            .filter(|(k, _)| k.starts_with("s3.") || k.starts_with("client."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        return S3Storage::new(s3_props)
+            .list(dir)
+            .await
+            .map_err(|e| Error::storage(format!("list {dir}: {e}")));
+    }
+    let root = std::path::PathBuf::from(dir.strip_prefix("file://").unwrap_or(dir));
+    let found = crate::runtime::blocking(move || {
+        let mut out = Vec::new();
+        local::walk(&root, &root, &mut out).map(|()| out)
+    })
+    .await?;
+    match found {
+        Ok(rel) => Ok(rel.into_iter().map(|r| format!("{dir}/{r}")).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::storage(format!("list {dir}: {e}"))),
+    }
+}
+
 /// `{warehouse}/{namespace}/{table}` like iceberg-rust's catalogs.
 pub fn table_location(config: &StoreConfig, namespace: &str, table: &str) -> String {
     format!(

@@ -119,6 +119,19 @@ impl S3Storage {
     }
 
     /// `s3://bucket/key` -> (client of bucket, key).
+    /// Every object under the "directory" `dir` (an `s3://bucket/prefix`), as full URIs.
+    pub async fn list(&self, dir: &str) -> Result<Vec<String>, IcebergError> {
+        let (store, key) = self.locate(dir)?;
+        let scheme_bucket = &dir[..dir.len() - key.as_ref().len()];
+        let scheme_bucket = scheme_bucket.trim_end_matches('/');
+        store
+            .list(Some(&key))
+            .map_ok(|meta| format!("{scheme_bucket}/{}", meta.location))
+            .try_collect()
+            .await
+            .map_err(|e| from_store(dir, &e))
+    }
+
     fn locate(&self, path: &str) -> Result<(Arc<AmazonS3>, Path), IcebergError> {
         let rest = ["s3://", "s3a://", "s3n://"]
             .iter()

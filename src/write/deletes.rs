@@ -238,6 +238,7 @@ fn position_delete_parquet(deletes: &[(String, u64)]) -> Result<Bytes> {
 pub async fn write_position_deletes(
     file_io: &FileIO,
     state: &TableState,
+    data_dir: &str,
     bucket: i32,
     name_prefix: &str,
     deletes: &[(String, u64)],
@@ -251,10 +252,7 @@ pub async fn write_position_deletes(
         .fields()
         .first()
         .map_or_else(String::new, |f| format!("{}={bucket}/", f.name));
-    let path = format!(
-        "{}/data/{partition_dir}{name_prefix}-deletes.parquet",
-        md.location()
-    );
+    let path = format!("{data_dir}/{partition_dir}{name_prefix}-deletes.parquet");
     let bytes = position_delete_parquet(deletes)?;
     let size = bytes.len() as u64;
     file_io.new_output(&path)?.write(bytes).await?;

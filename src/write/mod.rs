@@ -2,12 +2,11 @@
 //! writes) merge-on-read, commit one overwrite snapshot with optimistic concurrency, clean up.
 
 mod deletes;
-mod overwrite;
 mod plan;
+mod stage;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use iceberg::io::FileIO;
@@ -25,15 +24,15 @@ use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
 pub use deletes::{BucketMode, BucketShape, MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
-pub use overwrite::{Changes, PreparedCommit, delete_quietly, prepare};
 pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
+pub use stage::{Token, discard, stage_batch};
 
+use crate::commit::{self, BucketChange, Committed, Planner, bucket_base, delete_quietly};
 use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
 use crate::read::{BucketDeletes, DataFiles, Fill, keys_of, load_whole_file};
 use crate::schema::{ENTITY_KEY, ROW_GROUP_ROWS};
 use crate::storage::IoStats;
-use crate::store::Landed;
 use crate::store::Store;
 use crate::table::{LiveFile, TableState};
 
@@ -79,6 +78,9 @@ pub struct WriteReport {
     /// Buckets written merge-on-read (the rest of `buckets` were rewritten).
     pub merge_on_read_buckets: usize,
     pub attempts: u32,
+    /// Buckets planned again at commit time because another writer changed them first (the
+    /// others were rebased: their files kept, only the snapshot rebuilt).
+    pub replanned_buckets: usize,
     pub snapshot_id: Option<i64>,
 }
 
@@ -96,6 +98,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
             delete_files_added,
             merge_on_read_buckets,
             attempts,
+            replanned_buckets,
             snapshot_id,
         } = later;
         self.rows_written += rows_written;
@@ -106,6 +109,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
         self.delete_files_added += delete_files_added;
         self.merge_on_read_buckets += merge_on_read_buckets;
         self.attempts += attempts;
+        self.replanned_buckets += replanned_buckets;
         self.snapshot_id = snapshot_id.or(self.snapshot_id);
     }
 }
@@ -121,8 +125,49 @@ struct BucketRewrite {
     merge_on_read: bool,
 }
 
+impl BucketRewrite {
+    fn into_change(self, bucket: i32, state: &TableState) -> BucketChange {
+        let paths =
+            |files: Vec<Arc<LiveFile>>| files.iter().map(|f| f.path().to_string()).collect();
+        BucketChange {
+            bucket,
+            base: bucket_base(state, bucket),
+            added: self.added,
+            removed: paths(self.removed),
+            added_deletes: self.added_deletes,
+            removed_deletes: paths(self.removed_deletes),
+            written: self.stats.written,
+            ignored_older: self.stats.ignored_older,
+            merge_on_read: self.merge_on_read,
+        }
+    }
+}
+
+/// Where a write puts its files: the table's data location, or (staged distributed writes) a
+/// directory of the job's attempt under it, which the job's cleanup can list.
+#[derive(Clone, Debug, Default)]
+pub struct Placement {
+    pub staging: Option<String>,
+}
+
+impl Placement {
+    /// The directory new data and delete files go under (then `<partition>/<file>`).
+    pub fn data_dir(&self, md: &iceberg::spec::TableMetadata) -> String {
+        let props = md.properties();
+        let root = props
+            .get("write.data.path")
+            .or_else(|| props.get("write.folder-storage.path"))
+            .cloned()
+            .unwrap_or_else(|| format!("{}/data", md.location()));
+        match &self.staging {
+            Some(dir) => format!("{}/{dir}", root.trim_end_matches('/')),
+            None => root,
+        }
+    }
+}
+
 async fn write_bucket(
-    file_io: &FileIO,
+    io: &StoreIo,
     state: &TableState,
     bucket: i32,
     batch: RecordBatch,
@@ -132,8 +177,8 @@ async fn write_bucket(
     let parquet = ParquetWriterBuilder::new(writer_properties(), state.layout.schema.clone());
     let rolling = RollingFileWriterBuilder::new_with_default_file_size(
         parquet,
-        file_io.clone(),
-        DefaultLocationGenerator::new(md)?,
+        io.file_io.clone(),
+        DefaultLocationGenerator::with_data_location(io.placement.data_dir(md)),
         DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet),
     );
     let key = PartitionKey::new(
@@ -157,6 +202,19 @@ struct StoreIo {
     cache: Arc<DataFiles>,
     stats: Arc<IoStats>,
     policy: MorPolicy,
+    placement: Placement,
+}
+
+impl StoreIo {
+    fn new(store: &Store, placement: Placement) -> Self {
+        Self {
+            file_io: store.file_io.clone(),
+            cache: store.files.clone(),
+            stats: store.io.clone(),
+            policy: MorPolicy::from_config(&store.config),
+            placement,
+        }
+    }
 }
 
 /// A bucket as stored: its data files and delete files, and the deletes decoded.
@@ -235,10 +293,18 @@ async fn merge_on_read(
         (batch, new_deletes, out.removed) = merged;
         out.removed_deletes = own_deletes(bucket, delete_files);
     }
-    out.added = write_bucket(&io.file_io, state, bucket, batch, prefix.clone()).await?;
+    out.added = write_bucket(io, state, bucket, batch, prefix.clone()).await?;
     if !new_deletes.is_empty() {
-        match deletes::write_position_deletes(&io.file_io, state, bucket, &prefix, &new_deletes)
-            .await
+        let dir = io.placement.data_dir(&state.metadata);
+        match deletes::write_position_deletes(
+            &io.file_io,
+            state,
+            &dir,
+            bucket,
+            &prefix,
+            &new_deletes,
+        )
+        .await
         {
             Ok(d) => out.added_deletes.push(d),
             Err(e) => {
@@ -333,7 +399,21 @@ async fn rewrite_bucket(
     rows: Vec<usize>,
     attempt_id: Uuid,
     force: bool,
-) -> Result<Option<BucketRewrite>> {
+) -> Result<BucketChange> {
+    let done =
+        rewrite_bucket_files(io, state.clone(), incoming, bucket, rows, attempt_id, force).await?;
+    Ok(done.into_change(bucket, &state))
+}
+
+async fn rewrite_bucket_files(
+    io: StoreIo,
+    state: Arc<TableState>,
+    incoming: Arc<RecordBatch>,
+    bucket: i32,
+    rows: Vec<usize>,
+    attempt_id: Uuid,
+    force: bool,
+) -> Result<BucketRewrite> {
     let layout = &state.layout;
     let files: Vec<Arc<LiveFile>> = state.files.files_for_bucket(bucket).cloned().collect();
     let delete_files: Vec<Arc<LiveFile>> =
@@ -366,8 +446,7 @@ async fn rewrite_bucket(
             delete_files: &delete_files,
             deletes: &deletes,
         };
-        let done = merge_on_read(&io, &state, &incoming, &rows, stored, merge_runs, prefix).await?;
-        return Ok(Some(done));
+        return merge_on_read(&io, &state, &incoming, &rows, stored, merge_runs, prefix).await;
     }
     // Copy-on-write (also the automatic compaction of a bucket past the merge-on-read
     // limits): the live rows, deletes applied, merged and written as one sorted file that
@@ -388,35 +467,30 @@ async fn rewrite_bucket(
     })
     .await??;
     let Some(merged) = merged else {
-        return Ok(Some(BucketRewrite {
+        return Ok(BucketRewrite {
             stats,
             ..BucketRewrite::default()
-        }));
+        });
     };
-    let added = write_bucket(&io.file_io, &state, bucket, merged, prefix).await?;
-    Ok(Some(BucketRewrite {
+    let added = write_bucket(&io, &state, bucket, merged, prefix).await?;
+    Ok(BucketRewrite {
         added,
         removed: files,
         removed_deletes: own_deletes(bucket, &delete_files),
         stats,
         ..BucketRewrite::default()
-    }))
+    })
 }
 
-enum Attempt {
-    Committed(WriteReport),
-    Conflict,
-}
-
-/// What one commit attempt rewrites: the incoming rows grouped by bucket, or (compaction)
-/// buckets rewritten from their own rows, deduplicated and sorted.
-struct Plan {
-    incoming: Arc<RecordBatch>,
-    groups: BTreeMap<i32, Vec<usize>>,
+/// Rewrites `groups` (bucket -> rows of `incoming`) on `state` in parallel, one task per
+/// bucket. On an error, the files of every bucket already written are deleted.
+async fn plan_buckets(
+    io: &StoreIo,
+    state: &Arc<TableState>,
+    incoming: &Arc<RecordBatch>,
+    groups: impl Iterator<Item = (i32, Vec<usize>)>,
     compaction: bool,
-}
-
-async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Result<Attempt> {
+) -> Result<Vec<BucketChange>> {
     if state.files.unbucketed_count() > 0 {
         return Err(Error::table_state(
             &state.id,
@@ -426,192 +500,191 @@ async fn try_commit(store: &Store, state: &Arc<TableState>, plan: &Plan) -> Resu
     }
     state.files.check_deletes_supported(&state.id)?;
     let attempt_id = Uuid::new_v4();
-    let io = StoreIo {
-        file_io: store.file_io.clone(),
-        cache: store.files.clone(),
-        stats: store.io.clone(),
-        policy: MorPolicy::from_config(&store.config),
-    };
-    let tasks: Vec<_> = plan
-        .groups
-        .iter()
-        .map(|(&bucket, rows)| {
+    let tasks: Vec<_> = groups
+        .map(|(bucket, rows)| {
             tokio::spawn(rewrite_bucket(
                 io.clone(),
                 state.clone(),
-                plan.incoming.clone(),
+                incoming.clone(),
                 bucket,
-                rows.clone(),
+                rows,
                 attempt_id,
-                plan.compaction,
+                compaction,
             ))
         })
         .collect();
-    let mut report = WriteReport::default();
-    let mut changes = Changes {
-        compaction: plan.compaction,
-        ..Changes::default()
-    };
+    let mut changes = Vec::with_capacity(tasks.len());
     let mut first_error = None;
     for t in tasks {
         match t
             .await
             .map_err(|e| Error::internal(format!("bucket task failed: {e}")))
         {
-            Ok(Ok(Some(r))) => {
-                report.rows_written += r.stats.written;
-                report.rows_ignored_older += r.stats.ignored_older;
-                if !r.added.is_empty() {
-                    changes.buckets_changed += 1;
-                    report.merge_on_read_buckets += usize::from(r.merge_on_read);
-                }
-                changes.added.extend(r.added);
-                changes.removed.extend(r.removed);
-                changes.added_deletes.extend(r.added_deletes);
-                changes.removed_deletes.extend(r.removed_deletes);
-            }
-            Ok(Ok(None)) => {}
+            Ok(Ok(change)) => changes.push(change),
             Ok(Err(e)) | Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
-    let data_paths: Vec<String> = changes
-        .added
-        .iter()
-        .chain(&changes.added_deletes)
-        .map(|d| d.file_path().to_string())
-        .collect();
     if let Some(e) = first_error {
-        delete_quietly(&store.file_io, &state.id, &data_paths).await;
+        let paths: Vec<String> = changes
+            .iter()
+            .flat_map(BucketChange::written_paths)
+            .collect();
+        delete_quietly(&io.file_io, &state.id, &paths).await;
         return Err(e);
     }
-    report.buckets = changes.buckets_changed;
-    report.files_added = changes.added.len();
-    report.files_removed = changes.removed.len();
-    report.delete_files_added = changes.added_deletes.len();
-    if changes.added.is_empty() {
-        return Ok(Attempt::Committed(report));
-    }
-    changes.expire = store.expirable(&state.metadata, true);
-    let removed = changes.removed.clone();
-    let expire = changes.expire.clone();
-    let prepared = match prepare(&store.file_io, state, changes).await {
-        Ok(p) => p,
-        Err(e) => {
-            delete_quietly(&store.file_io, &state.id, &data_paths).await;
-            return Err(e);
-        }
-    };
-    match store.commit(state, &prepared).await? {
-        Landed::Yes(new_state) => {
-            report.snapshot_id = prepared.snapshot_id;
-            store
-                .after_commit(state, &new_state, &prepared, &expire, &removed)
-                .await;
-            Ok(Attempt::Committed(report))
-        }
-        Landed::Conflict => {
-            delete_quietly(&store.file_io, &state.id, &data_paths).await;
-            delete_quietly(&store.file_io, &state.id, &prepared.written).await;
-            Ok(Attempt::Conflict)
-        }
-        // The catalog may still apply it: deleting our files could break the table. They are
-        // orphans at worst (`remove-orphans`); re-plan on what the catalog names now.
-        Landed::Unknown => Ok(Attempt::Conflict),
-    }
+    Ok(changes)
 }
 
-/// Jittered exponential backoff: 20 ms doubling to 1 s, times 0.5-1.5.
-fn backoff(attempt: u32) -> Duration {
-    let base = 20u64.saturating_mul(1 << attempt.min(6)).min(1000);
-    Duration::from_millis(base / 2 + fastrand::u64(0..=base))
+/// The incoming rows of one write, converted for a schema.
+struct Converted {
+    schema_id: i32,
+    incoming: Arc<RecordBatch>,
+    groups: BTreeMap<i32, Vec<usize>>,
 }
 
-/// Plans against the current table, commits, and on a conflict reloads, re-plans and retries
-/// with jittered backoff, up to `commit_max_retries`.
-async fn commit_with_retries(
-    store: &Store,
-    table: &str,
-    mut plan_for: impl FnMut(&TableState) -> Result<Arc<Plan>>,
-) -> Result<WriteReport> {
-    let id = store.table_id(table)?;
-    let mut state = store.current(&id, Duration::ZERO).await?;
-    let mut plan = plan_for(&state)?;
-    let attempts = store.config.commit_max_retries + 1;
-    for attempt in 1..=attempts {
-        let outcome = match try_commit(store, &state, &plan).await {
-            // A file of the snapshot we planned on is gone: another writer committed and
-            // expired it. That is a conflict, unless the catalog still names our snapshot.
-            Err(Error::FileNotFound(detail)) => {
-                let fresh = store.current(&id, Duration::ZERO).await?;
-                if fresh.metadata_location == state.metadata_location {
-                    return Err(Error::corrupt(&id, detail));
+/// Where a write's rows come from.
+enum Rows<'a> {
+    /// Feast's values, converted for whichever schema the table has when planned.
+    Input(&'a WriteInput<'a>),
+    /// Rows already in the table's Arrow schema (they must still fit when planned).
+    Batch(Arc<RecordBatch>),
+    /// None: compaction rewrites buckets from their own rows.
+    Compaction { all: bool },
+}
+
+/// The planner of upserts and compactions in this process.
+struct RowsPlanner<'a> {
+    io: StoreIo,
+    rows: Rows<'a>,
+    converted: Option<Converted>,
+}
+
+impl RowsPlanner<'_> {
+    /// The rows converted for `state`'s schema: converting is the costly part of planning, so
+    /// it is redone only when the schema moved.
+    fn converted(&mut self, state: &TableState) -> Result<&Converted> {
+        let schema_id = state.layout.schema.schema_id();
+        if self
+            .converted
+            .as_ref()
+            .is_none_or(|c| c.schema_id != schema_id)
+        {
+            let incoming = match &self.rows {
+                Rows::Input(input) => Arc::new(build_write_batch(&state.layout, input)?),
+                Rows::Batch(batch) if batch.schema() == state.layout.arrow => batch.clone(),
+                Rows::Batch(_) => {
+                    return Err(Error::schema(format!(
+                        "{} changed schema while rows were being converted for it",
+                        state.id
+                    )));
                 }
-                Attempt::Conflict
-            }
-            other => other.map_err(|e| e.in_table(&id))?,
-        };
-        match outcome {
-            Attempt::Committed(mut report) => {
-                report.attempts = attempt;
-                return Ok(report);
-            }
-            Attempt::Conflict if attempt < attempts => {
-                crate::metrics::commit_retried(&id);
-                tokio::time::sleep(backoff(attempt)).await;
-                state = store.current(&id, Duration::ZERO).await?;
-                plan = plan_for(&state)?;
-            }
-            Attempt::Conflict => {}
+                Rows::Compaction { .. } => {
+                    Arc::new(RecordBatch::new_empty(state.layout.arrow.clone()))
+                }
+            };
+            let groups = match &self.rows {
+                Rows::Compaction { .. } => BTreeMap::new(),
+                _ => winners_by_bucket(&incoming, &state.layout)?,
+            };
+            self.converted = Some(Converted {
+                schema_id,
+                incoming,
+                groups,
+            });
         }
+        self.converted
+            .as_ref()
+            .ok_or_else(|| Error::internal("rows not converted"))
     }
-    Err(Error::CommitConflict {
-        table: id.to_string(),
-        attempts,
-    })
+}
+
+#[async_trait::async_trait]
+impl Planner for RowsPlanner<'_> {
+    async fn plan(
+        &mut self,
+        state: &Arc<TableState>,
+        again: Option<&[BucketChange]>,
+    ) -> Result<Vec<BucketChange>> {
+        let buckets: Option<BTreeSet<i32>> = again.map(|a| a.iter().map(|c| c.bucket).collect());
+        let buckets = buckets.as_ref();
+        let compaction = match self.rows {
+            Rows::Compaction { all } => Some(all),
+            _ => None,
+        };
+        let converted = self.converted(state)?;
+        let incoming = converted.incoming.clone();
+        let groups: Vec<(i32, Vec<usize>)> = match compaction {
+            // A bucket another writer changed is compacted again only if it still needs it.
+            Some(all) => compaction_buckets(state, all)
+                .into_iter()
+                .filter(|b| buckets.is_none_or(|want| want.contains(b)))
+                .map(|b| (b, Vec::new()))
+                .collect(),
+            None => converted
+                .groups
+                .iter()
+                .filter(|(b, _)| buckets.is_none_or(|want| want.contains(b)))
+                .map(|(b, rows)| (*b, rows.clone()))
+                .collect(),
+        };
+        plan_buckets(
+            &self.io,
+            state,
+            &incoming,
+            groups.into_iter(),
+            compaction.is_some(),
+        )
+        .await
+    }
+
+    fn compaction(&self) -> bool {
+        matches!(self.rows, Rows::Compaction { .. })
+    }
+}
+
+/// The write report of a landed data commit.
+fn report(done: Committed) -> WriteReport {
+    let mut report = WriteReport {
+        attempts: done.attempts,
+        replanned_buckets: done.replanned,
+        snapshot_id: done.snapshot_id,
+        ..WriteReport::default()
+    };
+    for c in &done.changes {
+        report.rows_written += c.written;
+        report.rows_ignored_older += c.ignored_older;
+        if !c.added.is_empty() {
+            report.buckets += 1;
+            report.merge_on_read_buckets += usize::from(c.merge_on_read);
+        }
+        report.files_added += c.added.len();
+        report.files_removed += c.removed.len();
+        report.delete_files_added += c.added_deletes.len();
+    }
+    report
+}
+
+async fn commit_rows(store: &Store, table: &str, rows: Rows<'_>) -> Result<WriteReport> {
+    let id = store.table_id(table)?;
+    let mut planner = RowsPlanner {
+        io: StoreIo::new(store, Placement::default()),
+        rows,
+        converted: None,
+    };
+    Ok(report(
+        commit::commit_buckets(store, &id, &mut planner).await?,
+    ))
 }
 
 pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
-    // Converting the batch is the costly part of planning: redo it only if the schema moved.
-    let mut built: Option<(i32, Arc<Plan>)> = None;
-    commit_with_retries(store, table, |state| {
-        let schema_id = state.layout.schema.schema_id();
-        if let Some((id, plan)) = &built
-            && *id == schema_id
-        {
-            return Ok(plan.clone());
-        }
-        let incoming = Arc::new(build_write_batch(&state.layout, input)?);
-        let groups = winners_by_bucket(&incoming, &state.layout)?;
-        let plan = Arc::new(Plan {
-            incoming,
-            groups,
-            compaction: false,
-        });
-        built = Some((schema_id, plan.clone()));
-        Ok(plan)
-    })
-    .await
+    commit_rows(store, table, Rows::Input(input)).await
 }
 
 /// Upserts rows already in the table's Arrow schema (migration converts them itself).
 pub async fn upsert_batch(store: &Store, table: &str, batch: RecordBatch) -> Result<WriteReport> {
-    let incoming = Arc::new(batch);
-    commit_with_retries(store, table, |state| {
-        if incoming.schema() != state.layout.arrow {
-            return Err(Error::schema(format!(
-                "{} changed schema while rows were being converted for it",
-                state.id
-            )));
-        }
-        Ok(Arc::new(Plan {
-            incoming: incoming.clone(),
-            groups: winners_by_bucket(&incoming, &state.layout)?,
-            compaction: false,
-        }))
-    })
-    .await
+    commit_rows(store, table, Rows::Batch(Arc::new(batch))).await
 }
 
 /// Buckets a compaction rewrites: those with several data files or with delete files, or
@@ -630,15 +703,14 @@ pub fn compaction_buckets(state: &TableState, all: bool) -> Vec<i32> {
 /// Rewrites buckets into one sorted file each, newest row per key, deletes applied and
 /// dropped, in one `replace` snapshot.
 pub async fn compact(store: &Store, table: &str, all: bool) -> Result<WriteReport> {
-    commit_with_retries(store, table, |state| {
-        Ok(Arc::new(Plan {
-            incoming: Arc::new(RecordBatch::new_empty(state.layout.arrow.clone())),
-            groups: compaction_buckets(state, all)
-                .into_iter()
-                .map(|b| (b, Vec::new()))
-                .collect(),
-            compaction: true,
-        }))
-    })
-    .await
+    commit_rows(store, table, Rows::Compaction { all }).await
+}
+
+/// Commits staged tokens (a distributed materialization's tasks) in one snapshot.
+pub async fn commit_staged(store: &Store, table: &str, tokens: Vec<Token>) -> Result<WriteReport> {
+    let id = store.table_id(table)?;
+    let mut planner = stage::StagedPlanner::new(store, table, tokens)?;
+    Ok(report(
+        commit::commit_buckets(store, &id, &mut planner).await?,
+    ))
 }

@@ -11,7 +11,6 @@
 //! manifests costs less than tracking several and keeps reads to at most two manifests.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Display;
 use std::sync::Arc;
 
 use iceberg::io::FileIO;
@@ -22,6 +21,7 @@ use iceberg::spec::{
 use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
+use super::delete_quietly;
 use crate::catalog::TableId;
 use crate::error::Result;
 use crate::table::{LiveFile, TableState};
@@ -38,6 +38,8 @@ pub struct PreparedCommit {
     pub requirements: Vec<TableRequirement>,
     /// Metadata files that fell out of the metadata log; delete after a successful commit.
     pub expired_metadata: Vec<String>,
+    /// Snapshots this commit drops (retention); their files are deleted after it lands.
+    pub expired_snapshots: Vec<i64>,
     /// Files this attempt wrote (manifests, list); delete if the commit fails.
     pub written: Vec<String>,
     pub snapshot_id: Option<i64>,
@@ -294,8 +296,9 @@ async fn prepare_inner(
         }
         .apply(builder)?;
     }
-    if !changes.expire.is_empty() {
-        builder = builder.remove_snapshots(&changes.expire);
+    let expired_snapshots = std::mem::take(&mut changes.expire);
+    if !expired_snapshots.is_empty() {
+        builder = builder.remove_snapshots(&expired_snapshots);
     }
     let built = builder.build()?;
     let metadata = built.metadata;
@@ -309,31 +312,8 @@ async fn prepare_inner(
             .into_iter()
             .map(|l| l.metadata_file)
             .collect(),
+        expired_snapshots,
         written: std::mem::take(written),
         snapshot_id,
     })
-}
-
-/// Best-effort deletion of files of `table` nobody references; returns how many were deleted.
-/// A failure leaves an orphan for `remove-orphans`, never a broken table, and is logged as a
-/// warning naming the table and the file, so orphans never pile up without a trace.
-pub async fn delete_quietly(
-    file_io: &FileIO,
-    table: &(dyn Display + Sync),
-    paths: &[String],
-) -> usize {
-    let mut deleted = 0;
-    for p in paths {
-        match file_io.delete(p).await {
-            Ok(()) => deleted += 1,
-            Err(e) => {
-                log::warn!(
-                    "table {table}: could not delete {p}, left as an orphan for `feast-iceberg \
-                     remove-orphans`: {e}"
-                );
-                crate::metrics::cleanup_failed(table, 1);
-            }
-        }
-    }
-    deleted
 }

@@ -1,0 +1,481 @@
+//! The one commit protocol, used by every writer (upserts, group commits, staged distributed
+//! writes, compaction, table creation and evolution, expiry):
+//!
+//! 1. plan on the current table state: write the data and delete files of each touched bucket;
+//! 2. prepare: write the manifests and manifest list, build the next metadata (`snapshot`);
+//! 3. commit: swap the metadata pointer through the catalog, atomically;
+//! 4. reconcile an unknown outcome (REST 5xx, a lost connection): reload, and if the catalog
+//!    names our snapshot, it landed;
+//! 5. on a conflict, reload and *rebase*: a bucket whose files the winning commit did not touch
+//!    keeps its prepared files (only the manifests and metadata are rebuilt); only buckets that
+//!    really changed are planned again. Retries back off with jitter;
+//! 6. clean up: files of an attempt that cannot land are deleted; files of an attempt whose
+//!    outcome is unknown are kept (the catalog may still apply it), orphans at worst.
+//!
+//! A commit that returns has landed in the catalog: nothing is acknowledged before that.
+
+mod snapshot;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use iceberg::io::FileIO;
+use iceberg::spec::DataFile;
+
+pub use snapshot::{Changes, PreparedCommit, prepare};
+
+use crate::catalog::{CommitOutcome, TableId};
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::store::Store;
+use crate::table::{LiveFile, TableState};
+
+/// Whether a commit is now the table's current state.
+#[derive(Debug)]
+pub enum Landed {
+    Yes(Arc<TableState>),
+    /// Another writer won; our files are ours alone and may be deleted.
+    Conflict,
+    /// Not visible after reconciling, yet the catalog may still apply it: keep our files. The
+    /// catalog's message, for the error if no later attempt lands.
+    Unknown(String),
+}
+
+/// Commits a prepared metadata version through the catalog, reconciling an unknown outcome:
+/// if the catalog now names our snapshot, it landed.
+pub async fn commit(store: &Store, base: &TableState, prepared: &PreparedCommit) -> Result<Landed> {
+    let landed = commit_uncounted(store, base, prepared).await;
+    let outcome = match &landed {
+        Ok(Landed::Yes(_)) => metrics::Commit::Committed,
+        Ok(Landed::Conflict) => metrics::Commit::Conflict,
+        Ok(Landed::Unknown(_)) => metrics::Commit::Unknown,
+        Err(_) => metrics::Commit::Error,
+    };
+    metrics::commit_done(&base.id, outcome);
+    landed
+}
+
+async fn commit_uncounted(
+    store: &Store,
+    base: &TableState,
+    prepared: &PreparedCommit,
+) -> Result<Landed> {
+    let catalog = store.catalog().await?;
+    let loaded = match catalog.commit(base, prepared, &store.file_io).await? {
+        CommitOutcome::Committed(loaded) => loaded,
+        CommitOutcome::Conflict => return Ok(Landed::Conflict),
+        CommitOutcome::Unknown(why) => {
+            let now = store.current(&base.id, Duration::ZERO).await?;
+            let ours = prepared
+                .snapshot_id
+                .is_some_and(|id| now.metadata.snapshot_by_id(id).is_some());
+            return Ok(if ours {
+                Landed::Yes(now)
+            } else {
+                Landed::Unknown(why)
+            });
+        }
+    };
+    Ok(Landed::Yes(store.installed(&base.id, loaded).await?))
+}
+
+/// Jittered exponential backoff before attempt `attempt + 1`: 5 ms doubling to 1 s, times
+/// 0.5-1.5. Short at first because most conflicts rebase without re-planning.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 5u64.saturating_mul(1 << attempt.min(8)).min(1000);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base))
+}
+
+/// The error once every attempt failed: a conflict, or, when the last attempt's outcome was
+/// unknown, that, with the catalog's message.
+fn gave_up(id: &TableId, attempts: u32, unknown: Option<String>) -> Error {
+    match unknown {
+        Some(detail) => Error::CommitUnknown {
+            table: id.to_string(),
+            attempts,
+            detail,
+        },
+        None => Error::CommitConflict {
+            table: id.to_string(),
+            attempts,
+        },
+    }
+}
+
+/// Best-effort deletion of files of `table` nobody references; returns how many were deleted.
+/// A failure leaves an orphan for `remove-orphans`, never a broken table, and is logged as a
+/// warning naming the table and the file, so orphans never pile up without a trace.
+pub async fn delete_quietly(
+    file_io: &FileIO,
+    table: &(dyn Display + Sync),
+    paths: &[String],
+) -> usize {
+    let deletes = paths.iter().map(|p| async move {
+        match file_io.delete(p).await {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "table {table}: could not delete {p}, left as an orphan for `feast-iceberg \
+                     remove-orphans`: {e}"
+                );
+                metrics::cleanup_failed(table, 1);
+                false
+            }
+        }
+    });
+    futures::future::join_all(deletes)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count()
+}
+
+// ---- metadata-only commits ------------------------------------------------------------------
+
+/// What a metadata-only commit does on the state it is given.
+pub enum Step<T> {
+    /// Nothing to commit: the answer.
+    Done(T),
+    /// Commit these changes; the answer once they land.
+    Commit(Changes, T),
+}
+
+/// Commits a change that writes no data (schema evolution, expiry): `step` builds it on the
+/// current state and is asked again after every conflict.
+pub async fn metadata_commit<T>(
+    store: &Store,
+    id: &TableId,
+    mut step: impl FnMut(&Arc<TableState>) -> Result<Step<T>>,
+) -> Result<T> {
+    let attempts = store.config.commit_max_retries + 1;
+    let mut unknown = None;
+    for attempt in 1..=attempts {
+        let state = store.current(id, Duration::ZERO).await?;
+        let (changes, answer) = match step(&state)? {
+            Step::Done(answer) => return Ok(answer),
+            Step::Commit(changes, answer) => (changes, answer),
+        };
+        let prepared = prepare(&store.file_io, &state, changes).await?;
+        match commit(store, &state, &prepared).await? {
+            Landed::Yes(new_state) => {
+                store
+                    .after_commit(&state, &new_state, &prepared, &prepared.expired_snapshots)
+                    .await;
+                return Ok(answer);
+            }
+            Landed::Conflict => {
+                unknown = None;
+                delete_quietly(&store.file_io, id, &prepared.written).await;
+            }
+            Landed::Unknown(why) => unknown = Some(why),
+        }
+        if attempt < attempts {
+            metrics::commit_retried(id);
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+    Err(gave_up(id, attempts, unknown))
+}
+
+// ---- data commits, bucket by bucket ---------------------------------------------------------
+
+/// The files of one bucket as a change was planned on them: data and delete file paths. The
+/// change stays valid on any later state whose bucket holds exactly these files.
+pub type BucketBase = BTreeSet<String>;
+
+/// The bucket's files in `state`.
+pub fn bucket_base(state: &TableState, bucket: i32) -> BucketBase {
+    state
+        .files
+        .files_for_bucket(bucket)
+        .chain(state.files.deletes_for_bucket(bucket))
+        .map(|f| f.path().to_string())
+        .collect()
+}
+
+/// One bucket's part of a data commit, planned on `base`.
+#[derive(Debug, Clone, Default)]
+pub struct BucketChange {
+    pub bucket: i32,
+    pub base: BucketBase,
+    pub added: Vec<DataFile>,
+    /// Data files of `base` the change replaces.
+    pub removed: Vec<String>,
+    pub added_deletes: Vec<DataFile>,
+    /// Delete files of `base` the change drops (their bucket was rewritten).
+    pub removed_deletes: Vec<String>,
+    /// Incoming rows that replaced or added a key, and those older than the stored row.
+    pub written: usize,
+    pub ignored_older: usize,
+    pub merge_on_read: bool,
+}
+
+impl BucketChange {
+    /// Paths of the files this change wrote.
+    pub fn written_paths(&self) -> impl Iterator<Item = String> + '_ {
+        self.added
+            .iter()
+            .chain(&self.added_deletes)
+            .map(|d| d.file_path().to_string())
+    }
+
+    fn changes_files(&self) -> bool {
+        !self.added.is_empty() || !self.removed.is_empty()
+    }
+}
+
+/// A writer's side of a data commit: it writes the files of the buckets it touches.
+#[async_trait]
+pub trait Planner: Send {
+    /// Plans on `state` every bucket the writer touches (`again` None), or again the buckets
+    /// of `again`, changes planned before that no longer fit (their files still exist; the
+    /// caller deletes them afterwards). Writes the files and describes them. On an error,
+    /// files it wrote are deleted.
+    async fn plan(
+        &mut self,
+        state: &Arc<TableState>,
+        again: Option<&[BucketChange]>,
+    ) -> Result<Vec<BucketChange>>;
+
+    /// True for a compaction: the snapshot is a `replace`, the rows stay the same.
+    fn compaction(&self) -> bool {
+        false
+    }
+
+    /// True when `state` can take the changes planned on `planned_on` bucket by bucket; false
+    /// re-plans everything (the schema or the partitioning moved).
+    fn rebases_onto(&self, planned_on: &TableState, state: &TableState) -> bool {
+        planned_on.metadata.current_schema_id() == state.metadata.current_schema_id()
+            && planned_on.metadata.default_partition_spec_id()
+                == state.metadata.default_partition_spec_id()
+    }
+}
+
+/// A data commit that landed.
+#[derive(Debug, Default)]
+pub struct Committed {
+    pub snapshot_id: Option<i64>,
+    pub attempts: u32,
+    /// The bucket changes committed (or, when nothing needed a snapshot, planned).
+    pub changes: Vec<BucketChange>,
+    /// Buckets planned again because another writer changed them after they were planned.
+    pub replanned: usize,
+}
+
+/// Buckets whose planned change no longer fits `state`.
+fn stale(changes: &BTreeMap<i32, BucketChange>, state: &TableState) -> BTreeSet<i32> {
+    changes
+        .values()
+        .filter(|c| bucket_base(state, c.bucket) != c.base)
+        .map(|c| c.bucket)
+        .collect()
+}
+
+/// The snapshot changes of `planned` on `state`: removed paths resolved to `state`'s files.
+fn snapshot_changes(
+    store: &Store,
+    state: &TableState,
+    planned: &BTreeMap<i32, BucketChange>,
+    compaction: bool,
+) -> Result<Changes> {
+    let live: HashMap<&str, &Arc<LiveFile>> = state
+        .files
+        .data
+        .iter()
+        .chain(&state.files.deletes)
+        .map(|f| (f.path(), f))
+        .collect();
+    let resolve = |paths: &[String]| -> Result<Vec<Arc<LiveFile>>> {
+        paths
+            .iter()
+            .map(|p| {
+                live.get(p.as_str()).map(|f| (*f).clone()).ok_or_else(|| {
+                    Error::internal(format!("a rebased change removes {p}, not in the table"))
+                })
+            })
+            .collect()
+    };
+    let mut changes = Changes {
+        compaction,
+        expire: store.expirable(&state.metadata, true),
+        ..Changes::default()
+    };
+    for c in planned.values() {
+        if c.changes_files() {
+            changes.buckets_changed += 1;
+        }
+        changes.added.extend(c.added.iter().cloned());
+        changes
+            .added_deletes
+            .extend(c.added_deletes.iter().cloned());
+        changes.removed.extend(resolve(&c.removed)?);
+        changes.removed_deletes.extend(resolve(&c.removed_deletes)?);
+    }
+    Ok(changes)
+}
+
+/// Removes from `planned` the changes that no longer fit `state` (every change, when the writer
+/// cannot rebase onto it) and returns them.
+fn take_stale(
+    planner: &dyn Planner,
+    planned: &mut BTreeMap<i32, BucketChange>,
+    planned_on: &TableState,
+    state: &TableState,
+) -> Vec<BucketChange> {
+    let buckets: Vec<i32> = if planner.rebases_onto(planned_on, state) {
+        stale(planned, state).into_iter().collect()
+    } else {
+        planned.keys().copied().collect()
+    };
+    buckets.iter().filter_map(|b| planned.remove(b)).collect()
+}
+
+/// Plans on the current table, commits one snapshot, and on a conflict rebases: buckets the
+/// winner did not touch keep their files; the others (or all, when the schema moved) are
+/// planned again. Up to `commit_max_retries` retries, with backoff.
+pub async fn commit_buckets(
+    store: &Store,
+    id: &TableId,
+    planner: &mut dyn Planner,
+) -> Result<Committed> {
+    let attempts = store.config.commit_max_retries + 1;
+    let mut state = store.current(id, Duration::ZERO).await?;
+    let mut planned_on = state.clone();
+    let mut planned: BTreeMap<i32, BucketChange> = BTreeMap::new();
+    // What to plan before the next commit: None is every bucket the writer touches, else the
+    // changes that went stale.
+    let mut want: Option<Vec<BucketChange>> = None;
+    let mut must_plan = true;
+    let mut replanned = 0;
+    // Once an attempt's outcome is unknown, the catalog may yet commit it, files and all: from
+    // then on nothing planned before is deleted (orphans at worst).
+    let mut keep_files = false;
+    let mut unknown = None;
+    let discard = |changes: Vec<BucketChange>, keep: bool| {
+        let paths: Vec<String> = if keep {
+            Vec::new()
+        } else {
+            changes
+                .iter()
+                .flat_map(BucketChange::written_paths)
+                .collect()
+        };
+        async move { delete_quietly(&store.file_io, id, &paths).await }
+    };
+    let mut attempt = 1;
+    loop {
+        if must_plan {
+            match planner.plan(&state, want.as_deref()).await {
+                Ok(fresh) => {
+                    planned.extend(fresh.into_iter().map(|c| (c.bucket, c)));
+                    discard(want.take().unwrap_or_default(), keep_files).await;
+                    planned_on = state.clone();
+                    must_plan = false;
+                    // Changes planned elsewhere (staged by tasks) may already be stale:
+                    // merged again now, before a commit that could only conflict.
+                    let stale_now = take_stale(planner, &mut planned, &planned_on, &state);
+                    if !stale_now.is_empty() {
+                        replanned += stale_now.len();
+                        want = Some(stale_now);
+                        must_plan = true;
+                        continue;
+                    }
+                }
+                // A file of the state we planned on is gone: another writer committed and
+                // expired it. That is a conflict, unless the catalog still names our state.
+                Err(Error::FileNotFound(detail)) => {
+                    let now = store.current(id, Duration::ZERO).await?;
+                    if now.metadata_location == state.metadata_location {
+                        let mut all: Vec<BucketChange> = planned.into_values().collect();
+                        all.extend(want.unwrap_or_default());
+                        discard(all, keep_files).await;
+                        return Err(Error::corrupt(id, detail));
+                    }
+                    state = now;
+                    let dropped = take_stale(planner, &mut planned, &planned_on, &state);
+                    if let Some(w) = &mut want {
+                        w.extend(dropped);
+                    } else {
+                        discard(dropped, keep_files).await;
+                    }
+                    if attempt >= attempts {
+                        break;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => {
+                    let mut all: Vec<BucketChange> = planned.into_values().collect();
+                    all.extend(want.unwrap_or_default());
+                    discard(all, keep_files).await;
+                    return Err(e.in_table(id));
+                }
+            }
+        }
+        if !planned.values().any(BucketChange::changes_files) {
+            return Ok(Committed {
+                snapshot_id: None,
+                attempts: attempt,
+                changes: planned.into_values().collect(),
+                replanned,
+            });
+        }
+        let prepared = match snapshot_changes(store, &state, &planned, planner.compaction()) {
+            Ok(changes) => prepare(&store.file_io, &state, changes).await,
+            Err(e) => Err(e),
+        };
+        let prepared = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                discard(planned.into_values().collect(), keep_files).await;
+                return Err(e.in_table(id));
+            }
+        };
+        // A catalog error may come after the swap was sent (a lost connection): the commit
+        // may have landed, so nothing is deleted then.
+        match commit(store, &state, &prepared)
+            .await
+            .map_err(|e| e.in_table(id))?
+        {
+            Landed::Yes(new_state) => {
+                store
+                    .after_commit(&state, &new_state, &prepared, &prepared.expired_snapshots)
+                    .await;
+                return Ok(Committed {
+                    snapshot_id: prepared.snapshot_id,
+                    attempts: attempt,
+                    changes: planned.into_values().collect(),
+                    replanned,
+                });
+            }
+            Landed::Conflict => {
+                unknown = None;
+                delete_quietly(&store.file_io, id, &prepared.written).await;
+            }
+            Landed::Unknown(why) => {
+                keep_files = true;
+                unknown = Some(why);
+            }
+        }
+        if attempt >= attempts {
+            break;
+        }
+        attempt += 1;
+        metrics::commit_retried(id);
+        tokio::time::sleep(backoff(attempt - 1)).await;
+        state = store.current(id, Duration::ZERO).await?;
+        let dropped = take_stale(planner, &mut planned, &planned_on, &state);
+        if !dropped.is_empty() {
+            replanned += dropped.len();
+            want = Some(dropped);
+            must_plan = true;
+        }
+    }
+    let mut all: Vec<BucketChange> = planned.into_values().collect();
+    all.extend(want.unwrap_or_default());
+    discard(all, keep_files).await;
+    Err(gave_up(id, attempts, unknown))
+}
