@@ -59,9 +59,9 @@ class IcebergRayEngineConfig(RayComputeEngineConfig):
     `write_concurrency` (else `max_workers`, else the cluster's CPUs, at most the table's
     buckets) is the number of staging tasks."""
 
-    type: Literal[
-        "feast_iceberg.IcebergRayEngine", "feast_iceberg.ray_engine.IcebergRayEngine"
-    ] = "feast_iceberg.IcebergRayEngine"
+    type: Literal["feast_iceberg.IcebergRayEngine", "feast_iceberg.ray_engine.IcebergRayEngine"] = (
+        "feast_iceberg.IcebergRayEngine"
+    )
 
 
 def _tag_batch(write: StagedWrite, groups: int, schema: pa.Schema, batch: Any) -> pa.Table:
@@ -92,16 +92,23 @@ def _stage_group(write: StagedWrite, group: pa.Table) -> pa.Table:
     return pa.Table.from_batches([token_batch(token)])
 
 
-def stage_with_ray(dataset: Any, write: StagedWrite, groups: int, schema: pa.Schema) -> list[bytes]:
+def stage_with_ray(
+    dataset: Any,
+    write: StagedWrite,
+    groups: int,
+    schema: pa.Schema,
+    task_options: dict[str, Any] | None = None,
+) -> list[bytes]:
     """Stages every row of `dataset` (a Ray dataset): converted to `schema` and bucket-tagged
     block by block, grouped by bucket modulo `groups` (each group holds whole buckets and is
     staged by one call), the tokens gathered on the driver. A task that fails raises here
-    after Ray's retries."""
+    after Ray's retries. `task_options` (Feast's `worker_task_options`) go to every task."""
+    options = dict(task_options or {})
     tagged = dataset.map_batches(
-        functools.partial(_tag_batch, write, groups, schema), batch_format="pandas"
+        functools.partial(_tag_batch, write, groups, schema), batch_format="pandas", **options
     )
     staged = tagged.groupby(BUCKET_COLUMN).map_groups(
-        functools.partial(_stage_group, write), batch_format="pyarrow"
+        functools.partial(_stage_group, write), batch_format="pyarrow", **options
     )
     return [row[TOKEN_COLUMN] for row in staged.take_all()]
 
@@ -131,7 +138,11 @@ class IcebergRayWriteNode(RayWriteNode):
             return super().execute(context)
         groups = min(bucket_count(context, write), _parallelism(self.config))
         report = commit_staged_write(
-            context, write, lambda: stage_with_ray(dataset, write, groups, schema)
+            context,
+            write,
+            lambda: stage_with_ray(
+                dataset, write, groups, schema, getattr(self.config, "worker_task_options", None)
+            ),
         )
         if getattr(self.feature_view, "offline", False):
             self._write_offline(context)
