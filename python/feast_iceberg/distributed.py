@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -206,14 +207,20 @@ def commit_staged_write(
     error fails the materialization; the job's staged files are then deleted (a failed
     commit committed nothing: the core reconciles unknown outcomes before it raises)."""
     store = context.online_store._store(context.repo_config)
+    started = time.perf_counter()
     try:
         tokens = stage()
+        staged = time.perf_counter()
         report = dict(_internal.commit_staged(store, write.table, tokens))
     except BaseException:
         _discard(store, write, [])
         raise
+    committed = time.perf_counter()
     report["discarded_files"] = _discard(store, write, tokens)
     report["tasks"] = len(tokens)
+    # What the engine's job took (upstream steps, tagging, shuffle, staging) and the commit.
+    report["stage_seconds"] = staged - started
+    report["commit_seconds"] = committed - staged
     logger.debug("feast-iceberg staged write of %s (job %s): %s", write.view, write.job, report)
     return report
 
