@@ -183,7 +183,13 @@ class IcebergSparkWriteNode(SparkWriteNode):
 
 
 def _cores(df: Any) -> int:
-    return max(1, int(df.sparkSession.sparkContext.defaultParallelism))
+    """Spark's default parallelism (the cluster's cores); a Spark Connect session has no
+    SparkContext to ask, so its staging tasks default to its shuffle partitions."""
+    session = df.sparkSession
+    try:
+        return max(1, int(session.sparkContext.defaultParallelism))
+    except Exception:
+        return max(1, int(session.conf.get("spark.sql.shuffle.partitions", "200")))
 
 
 class _IcebergSparkFeatureBuilder(SparkFeatureBuilder):
