@@ -9,7 +9,8 @@ const UNKNOWN_TABLE: &str = "?";
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-#[derive(Debug, thiserror::Error)]
+// Clone: one failed group commit is every member's error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The store configuration is unusable.
     #[error("invalid configuration: {0}")]

@@ -880,6 +880,7 @@ mod tests {
             merge_on_read_buckets: n + 6,
             attempts: 1,
             replanned_buckets: n + 7,
+            timings: Default::default(),
             snapshot_id: snapshot,
         };
         let mut total = WriteReport::default();

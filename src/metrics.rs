@@ -354,7 +354,14 @@ pub fn snapshot() -> Snapshot {
         out.index_bytes += files.index_bytes;
         let tables = source.tables.lock().unwrap_or_else(PoisonError::into_inner);
         for (id, state) in tables.iter() {
-            out.tables.entry(id.to_string()).or_default().observe(state);
+            // A table only cached (no read or commit counted yet) still has every bucket.
+            out.tables
+                .entry(id.to_string())
+                .or_insert_with(|| TableSnapshot {
+                    read_buckets: vec![0; READ_BUCKETS.len() + 1],
+                    ..TableSnapshot::default()
+                })
+                .observe(state);
         }
     }
     out

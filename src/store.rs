@@ -40,6 +40,8 @@ pub struct Store {
     snapshots: Mutex<HashMap<String, Arc<SnapshotFiles>>>,
     /// Tables whose metadata is being revalidated in the background (one refresh at a time).
     refreshing: Mutex<HashSet<TableId>>,
+    /// Concurrent writes waiting to commit together, per table.
+    pub(crate) groups: write::Groups,
     _metrics: metrics::Registration,
 }
 
@@ -174,6 +176,7 @@ impl Store {
             tables,
             snapshots: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashSet::new()),
+            groups: write::Groups::default(),
             _metrics: registration,
         })
     }
@@ -415,9 +418,20 @@ impl Store {
     }
 
     /// The state a commit the catalog accepted produced, cached as the table's current one.
-    pub(crate) async fn installed(&self, id: &TableId, loaded: Loaded) -> Result<Arc<TableState>> {
-        let state = match loaded.metadata {
-            Some(metadata) => Arc::new(
+    pub(crate) async fn installed(
+        &self,
+        id: &TableId,
+        loaded: Loaded,
+        files: Option<Arc<SnapshotFiles>>,
+    ) -> Result<Arc<TableState>> {
+        let state = match (loaded.metadata, files) {
+            (Some(metadata), Some(files)) => Arc::new(TableState::with_files(
+                id.clone(),
+                loaded.location,
+                Arc::from(metadata),
+                files,
+            )?),
+            (Some(metadata), None) => Arc::new(
                 TableState::from_metadata(
                     &self.file_io,
                     &self.io.metadata,
@@ -427,7 +441,7 @@ impl Store {
                 )
                 .await?,
             ),
-            None => Arc::new(self.load_state(id, loaded.location).await?),
+            (None, _) => Arc::new(self.load_state(id, loaded.location).await?),
         };
         self.remember_snapshot(&state);
         self.install(state.clone());
@@ -714,7 +728,11 @@ impl Store {
 
     // ---- data ---------------------------------------------------------------------------
 
-    pub async fn write(&self, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
+    pub async fn write(
+        self: &Arc<Self>,
+        table: &str,
+        input: &WriteInput<'_>,
+    ) -> Result<WriteReport> {
         write::upsert(self, table, input).await
     }
 

@@ -1,14 +1,14 @@
 //! A loaded table: its metadata, column layout and live data files grouped by bucket.
 //! Everything here is immutable once built; a commit produces a new `TableState`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataContentType, Literal, ManifestEntryRef, ManifestList, PrimitiveLiteral, Snapshot,
-    TableMetadata,
+    DataContentType, DataFile, Literal, ManifestEntry, ManifestEntryRef, ManifestList,
+    ManifestStatus, PrimitiveLiteral, Snapshot, TableMetadata,
 };
 
 use crate::catalog::TableId;
@@ -79,44 +79,85 @@ impl SnapshotFiles {
             let manifest = manifest_file.load_manifest(file_io).await?;
             io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
             for entry in manifest.entries() {
-                if !entry.is_alive() {
-                    continue;
-                }
-                let bucket = bucket_of(entry);
-                let file = Arc::new(LiveFile {
-                    entry: entry.clone(),
-                    bucket,
-                });
-                match entry.content_type() {
-                    DataContentType::Data => {
-                        match bucket {
-                            Some(b) => out.by_bucket.entry(b).or_default().push(file.clone()),
-                            None => out.unbucketed.push(file.clone()),
-                        }
-                        out.data.push(file);
-                    }
-                    DataContentType::PositionDeletes => {
-                        out.delete_files += 1;
-                        out.delete_paths.push(entry.file_path().to_string());
-                        match bucket {
-                            Some(b) => out
-                                .deletes_by_bucket
-                                .entry(b)
-                                .or_default()
-                                .push(file.clone()),
-                            None => out.unbucketed_deletes.push(file.clone()),
-                        }
-                        out.deletes.push(file);
-                    }
-                    DataContentType::EqualityDeletes => {
-                        out.delete_files += 1;
-                        out.equality_deletes += 1;
-                        out.delete_paths.push(entry.file_path().to_string());
-                    }
+                if entry.is_alive() {
+                    out.add(entry.clone());
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The files of a snapshot this process just wrote on top of `base` (which holds no
+    /// equality deletes: we never write to such tables): `base`'s live files
+    /// except `removed`, plus `added` (data and delete files) as entries of `snapshot_id` at
+    /// sequence number `seq`. Saves reading back the manifests just written.
+    pub fn after(
+        base: &SnapshotFiles,
+        snapshot_id: i64,
+        manifest_list: String,
+        manifests: Vec<String>,
+        seq: i64,
+        removed: &HashSet<&str>,
+        added: &[&DataFile],
+    ) -> Self {
+        let mut out = Self {
+            snapshot_id: Some(snapshot_id),
+            manifest_list: Some(manifest_list),
+            manifests,
+            ..Self::default()
+        };
+        for f in base.data.iter().chain(&base.deletes) {
+            if !removed.contains(f.path()) {
+                out.add(f.entry.clone());
+            }
+        }
+        for df in added {
+            out.add(Arc::new(
+                ManifestEntry::builder()
+                    .status(ManifestStatus::Added)
+                    .snapshot_id(snapshot_id)
+                    .sequence_number(seq)
+                    .file_sequence_number(seq)
+                    .data_file((*df).clone())
+                    .build(),
+            ));
+        }
+        out
+    }
+
+    /// Files one live manifest entry to the lists it belongs in.
+    fn add(&mut self, entry: ManifestEntryRef) {
+        let bucket = bucket_of(&entry);
+        let content = entry.content_type();
+        let path = entry.file_path().to_string();
+        let file = Arc::new(LiveFile { entry, bucket });
+        match content {
+            DataContentType::Data => {
+                match bucket {
+                    Some(b) => self.by_bucket.entry(b).or_default().push(file.clone()),
+                    None => self.unbucketed.push(file.clone()),
+                }
+                self.data.push(file);
+            }
+            DataContentType::PositionDeletes => {
+                self.delete_files += 1;
+                self.delete_paths.push(path);
+                match bucket {
+                    Some(b) => self
+                        .deletes_by_bucket
+                        .entry(b)
+                        .or_default()
+                        .push(file.clone()),
+                    None => self.unbucketed_deletes.push(file.clone()),
+                }
+                self.deletes.push(file);
+            }
+            DataContentType::EqualityDeletes => {
+                self.delete_files += 1;
+                self.equality_deletes += 1;
+                self.delete_paths.push(path);
+            }
+        }
     }
 
     /// Every file that may hold a key of bucket `b`.
@@ -241,6 +282,23 @@ impl TableState {
         )
         .await
         .map_err(corrupt)
+    }
+
+    /// A state whose files are known without reading manifests (a commit of ours).
+    pub fn with_files(
+        id: TableId,
+        metadata_location: String,
+        metadata: Arc<TableMetadata>,
+        files: Arc<SnapshotFiles>,
+    ) -> Result<Self> {
+        Ok(Self {
+            id,
+            metadata_location,
+            layout: Arc::new(Layout::from_metadata(&metadata)?),
+            metadata,
+            files,
+            checked_at: Instant::now(),
+        })
     }
 
     pub async fn from_metadata(

@@ -321,3 +321,16 @@ def test_feast_serve_metrics_see_the_families_through_multiprocess_files(tmp_pat
     assert value(samples, "feast_iceberg_cache_hits_total") >= reads - 1
     assert value(samples, "feast_iceberg_data_files", table=table) >= 1
     assert value(samples, "feast_iceberg_stores") == 1
+
+
+def test_a_table_only_cached_has_every_latency_bucket(make_env: Callable[..., Env]) -> None:
+    """A table this process loaded but never read or wrote (a fresh `feast apply`) still gets
+    a full histogram: the multiprocess mirror zips bounds with buckets."""
+    env = make_env()
+    view = driver_view(f"cached_{fresh_namespace()}")
+    env.apply(view)
+    env.stats(view)
+    snap = _internal.metrics_snapshot()
+    label = f"{env.namespace}.{table_name(env.config, view)}"
+    assert len(snap["tables"][label]["read_buckets"]) == len(snap["read_bucket_bounds"]) + 1
+    assert list(metrics.families(snap))

@@ -10,6 +10,21 @@ from __future__ import annotations
 from typing import TypedDict
 
 
+class CommitTimings(TypedDict):
+    """Where a commit's time went, in microseconds, summed over its attempts."""
+
+    # Loading the table state (a catalog lookup; metadata and manifests when they moved).
+    state_us: int
+    # Reading what the buckets hold, writing data and delete files.
+    plan_us: int
+    # Writing the manifests and manifest list, building the metadata.
+    prepare_us: int
+    # The catalog commit (for SQL catalogs: metadata.json, then the swap).
+    catalog_us: int
+    # After the commit: expired snapshots' files and old metadata deleted.
+    cleanup_us: int
+
+
 class WriteReport(TypedDict):
     """What one `Store.write` (or `compact`) did."""
 
@@ -27,6 +42,7 @@ class WriteReport(TypedDict):
     # Buckets merged again at commit time because another writer changed them first (the
     # others were rebased onto the winner's snapshot without rewriting a file).
     replanned_buckets: int
+    timings: CommitTimings
     # The snapshot committed; None when nothing changed.
     snapshot_id: int | None
 

@@ -379,6 +379,18 @@ fn write_report<'py>(py: Python<'py>, report: &WriteReport) -> PyResult<Bound<'p
     d.set_item("merge_on_read_buckets", report.merge_on_read_buckets)?;
     d.set_item("attempts", report.attempts)?;
     d.set_item("replanned_buckets", report.replanned_buckets)?;
+    let t = &report.timings;
+    let timings = PyDict::new(py);
+    for (k, v) in [
+        ("state_us", t.state_us),
+        ("plan_us", t.plan_us),
+        ("prepare_us", t.prepare_us),
+        ("catalog_us", t.catalog_us),
+        ("cleanup_us", t.cleanup_us),
+    ] {
+        timings.set_item(k, v)?;
+    }
+    d.set_item("timings", timings)?;
     d.set_item("snapshot_id", report.snapshot_id)?;
     Ok(d)
 }

@@ -187,6 +187,7 @@ impl Catalog for SqlCatalog {
         let location = MetadataLocation::new_with_metadata(metadata.location(), metadata);
         metadata.write_to(file_io, &location).await?;
         let location = location.to_string();
+        crate::storage::sync_files([location.clone()]).await?;
         let done = sqlx::query(
             "INSERT INTO iceberg_tables (catalog_name, table_namespace, table_name, \
              metadata_location, previous_metadata_location, iceberg_type) \
@@ -219,6 +220,8 @@ impl Catalog for SqlCatalog {
             .with_new_metadata(&prepared.metadata);
         prepared.metadata.write_to(file_io, &location).await?;
         let location = location.to_string();
+        // The swap publishes it: durable first.
+        crate::storage::sync_files([location.clone()]).await?;
         let swapped = self
             .swap(&base.id, &base.metadata_location, &location)
             .await;

@@ -79,7 +79,15 @@ async fn commit_uncounted(
             });
         }
     };
-    Ok(Landed::Yes(store.installed(&base.id, loaded).await?))
+    // The files of our own snapshot are known: no need to read its manifests back, unless
+    // the catalog made something else of it.
+    let known = prepared.files.clone().filter(|_| {
+        loaded
+            .metadata
+            .as_ref()
+            .is_some_and(|md| md.current_snapshot_id() == prepared.metadata.current_snapshot_id())
+    });
+    Ok(Landed::Yes(store.installed(&base.id, loaded, known).await?))
 }
 
 /// Jittered exponential backoff before attempt `attempt + 1`: 5 ms doubling to 1 s, times
@@ -159,6 +167,7 @@ pub async fn metadata_commit<T>(
             Step::Commit(changes, answer) => (changes, answer),
         };
         let prepared = prepare(&store.file_io, &state, changes).await?;
+        crate::storage::sync_files(prepared.written.iter().cloned()).await?;
         match commit(store, &state, &prepared).await? {
             Landed::Yes(new_state) => {
                 store
@@ -210,6 +219,8 @@ pub struct BucketChange {
     /// Incoming rows that replaced or added a key, and those older than the stored row.
     pub written: usize,
     pub ignored_older: usize,
+    /// Which incoming rows (indices into the writer's batch) were older, when it knows.
+    pub ignored_rows: Vec<usize>,
     pub merge_on_read: bool,
 }
 
@@ -254,6 +265,25 @@ pub trait Planner: Send {
     }
 }
 
+/// Where a data commit's time went, in microseconds, summed over its attempts.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Timings {
+    /// Loading the table state (a catalog lookup; metadata and manifests when they moved).
+    pub state_us: u64,
+    /// Planning: reading what the buckets hold, writing data and delete files.
+    pub plan_us: u64,
+    /// Writing the manifests and manifest list, building the metadata.
+    pub prepare_us: u64,
+    /// The catalog commit (for SQL catalogs: writing metadata.json, then the swap).
+    pub catalog_us: u64,
+    /// After the commit: expired snapshots' files and old metadata deleted.
+    pub cleanup_us: u64,
+}
+
+fn micros(since: std::time::Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// A data commit that landed.
 #[derive(Debug, Default)]
 pub struct Committed {
@@ -263,6 +293,7 @@ pub struct Committed {
     pub changes: Vec<BucketChange>,
     /// Buckets planned again because another writer changed them after they were planned.
     pub replanned: usize,
+    pub timings: Timings,
 }
 
 /// Buckets whose planned change no longer fits `state`.
@@ -342,7 +373,10 @@ pub async fn commit_buckets(
     planner: &mut dyn Planner,
 ) -> Result<Committed> {
     let attempts = store.config.commit_max_retries + 1;
+    let mut t = Timings::default();
+    let started = std::time::Instant::now();
     let mut state = store.current(id, Duration::ZERO).await?;
+    t.state_us += micros(started);
     let mut planned_on = state.clone();
     let mut planned: BTreeMap<i32, BucketChange> = BTreeMap::new();
     // What to plan before the next commit: None is every bucket the writer touches, else the
@@ -368,7 +402,10 @@ pub async fn commit_buckets(
     let mut attempt = 1;
     loop {
         if must_plan {
-            match planner.plan(&state, want.as_deref()).await {
+            let started = std::time::Instant::now();
+            let planned_now = planner.plan(&state, want.as_deref()).await;
+            t.plan_us += micros(started);
+            match planned_now {
                 Ok(fresh) => {
                     planned.extend(fresh.into_iter().map(|c| (c.bucket, c)));
                     discard(want.take().unwrap_or_default(), keep_files).await;
@@ -421,8 +458,10 @@ pub async fn commit_buckets(
                 attempts: attempt,
                 changes: planned.into_values().collect(),
                 replanned,
+                timings: t,
             });
         }
+        let started = std::time::Instant::now();
         let prepared = match snapshot_changes(store, &state, &planned, planner.compaction()) {
             Ok(changes) => prepare(&store.file_io, &state, changes).await,
             Err(e) => Err(e),
@@ -434,21 +473,37 @@ pub async fn commit_buckets(
                 return Err(e.in_table(id));
             }
         };
+        // Durable before the catalog points at them: what this attempt publishes.
+        let publish = planned
+            .values()
+            .flat_map(BucketChange::written_paths)
+            .chain(prepared.written.iter().cloned());
+        if let Err(e) = crate::storage::sync_files(publish).await {
+            delete_quietly(&store.file_io, id, &prepared.written).await;
+            discard(planned.into_values().collect(), keep_files).await;
+            return Err(e.in_table(id));
+        }
+        t.prepare_us += micros(started);
         // A catalog error may come after the swap was sent (a lost connection): the commit
         // may have landed, so nothing is deleted then.
-        match commit(store, &state, &prepared)
+        let started = std::time::Instant::now();
+        let landed = commit(store, &state, &prepared)
             .await
-            .map_err(|e| e.in_table(id))?
-        {
+            .map_err(|e| e.in_table(id))?;
+        t.catalog_us += micros(started);
+        match landed {
             Landed::Yes(new_state) => {
+                let started = std::time::Instant::now();
                 store
                     .after_commit(&state, &new_state, &prepared, &prepared.expired_snapshots)
                     .await;
+                t.cleanup_us += micros(started);
                 return Ok(Committed {
                     snapshot_id: prepared.snapshot_id,
                     attempts: attempt,
                     changes: planned.into_values().collect(),
                     replanned,
+                    timings: t,
                 });
             }
             Landed::Conflict => {
@@ -466,7 +521,9 @@ pub async fn commit_buckets(
         attempt += 1;
         metrics::commit_retried(id);
         tokio::time::sleep(backoff(attempt - 1)).await;
+        let started = std::time::Instant::now();
         state = store.current(id, Duration::ZERO).await?;
+        t.state_us += micros(started);
         let dropped = take_stale(planner, &mut planned, &planned_on, &state);
         if !dropped.is_empty() {
             replanned += dropped.len();

@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::delete_quietly;
 use crate::catalog::TableId;
 use crate::error::Result;
-use crate::table::{LiveFile, TableState};
+use crate::table::{LiveFile, SnapshotFiles, TableState};
 
 /// A new metadata version: its snapshot files are written, the metadata itself is not yet
 /// (a SQL catalog commit writes it, a REST catalog builds its own from `updates`).
@@ -43,6 +43,8 @@ pub struct PreparedCommit {
     /// Files this attempt wrote (manifests, list); delete if the commit fails.
     pub written: Vec<String>,
     pub snapshot_id: Option<i64>,
+    /// The files of the table once this lands (known without reading the manifests back).
+    pub files: Option<Arc<SnapshotFiles>>,
 }
 
 fn new_snapshot_id(md: &TableMetadata) -> i64 {
@@ -153,7 +155,7 @@ async fn write_snapshot(
     base: &TableState,
     changes: &Changes,
     written: &mut Vec<String>,
-) -> Result<Snapshot> {
+) -> Result<(Snapshot, SnapshotFiles)> {
     let md = &base.metadata;
     let snapshot_id = new_snapshot_id(md);
     let seq = md.next_sequence_number();
@@ -179,7 +181,7 @@ async fn write_snapshot(
         snapshot_id,
         seq,
     )?;
-    let mut manifests = vec![manifest.write_manifest_file().await?];
+    let mut manifests = Vec::with_capacity(2);
     if !base.files.deletes.is_empty() || !changes.added_deletes.is_empty() {
         let path = format!("{}/metadata/{commit}-m1.avro", md.location());
         written.push(path.clone());
@@ -192,7 +194,14 @@ async fn write_snapshot(
             snapshot_id,
             seq,
         )?;
-        manifests.push(deletes.write_manifest_file().await?);
+        // The two manifests are independent files: written at once.
+        let (data, deletes) = futures::try_join!(
+            manifest.write_manifest_file(),
+            deletes.write_manifest_file()
+        )?;
+        manifests.extend([data, deletes]);
+    } else {
+        manifests.push(manifest.write_manifest_file().await?);
     }
 
     let list_path = format!(
@@ -206,10 +215,27 @@ async fn write_snapshot(
         md.current_snapshot_id(),
         seq,
     );
+    let manifest_paths = manifests.iter().map(|m| m.manifest_path.clone()).collect();
     list.add_manifests(manifests.into_iter())?;
     list.close().await?;
 
-    Ok(Snapshot::builder()
+    let removed: HashSet<&str> = changes
+        .removed
+        .iter()
+        .chain(&changes.removed_deletes)
+        .map(|f| f.path())
+        .collect();
+    let added: Vec<&DataFile> = changes.added.iter().chain(&changes.added_deletes).collect();
+    let files = SnapshotFiles::after(
+        &base.files,
+        snapshot_id,
+        list_path.clone(),
+        manifest_paths,
+        seq,
+        &removed,
+        &added,
+    );
+    let snapshot = Snapshot::builder()
         .with_snapshot_id(snapshot_id)
         .with_parent_snapshot_id(md.current_snapshot_id())
         .with_sequence_number(seq)
@@ -217,7 +243,8 @@ async fn write_snapshot(
         .with_manifest_list(list_path)
         .with_summary(summary)
         .with_schema_id(md.current_schema_id())
-        .build())
+        .build();
+    Ok((snapshot, files))
 }
 
 /// The changes one commit makes to a table.
@@ -285,8 +312,11 @@ async fn prepare_inner(
         builder = update.apply(builder)?;
     }
     let mut snapshot_id = None;
+    // A metadata-only change keeps the current snapshot and its files.
+    let mut files = Some(base.files.clone());
     if !changes.added.is_empty() || !changes.removed.is_empty() {
-        let snapshot = write_snapshot(file_io, base, &changes, written).await?;
+        let (snapshot, after) = write_snapshot(file_io, base, &changes, written).await?;
+        files = (base.files.equality_deletes == 0).then(|| Arc::new(after));
         let id = snapshot.snapshot_id();
         snapshot_id = Some(id);
         builder = TableUpdate::AddSnapshot { snapshot }.apply(builder)?;
@@ -315,5 +345,6 @@ async fn prepare_inner(
         expired_snapshots,
         written: std::mem::take(written),
         snapshot_id,
+        files,
     })
 }

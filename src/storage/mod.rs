@@ -144,6 +144,16 @@ pub fn file_io(config: &StoreConfig) -> Result<FileIO> {
     Ok(FileIOBuilder::new(Arc::new(RoutedFactory { storage })).build())
 }
 
+/// Makes the files a commit is about to publish durable before the catalog points at them:
+/// local files are fsynced, all at once; an object store's PUT is durable when it returns.
+pub async fn sync_files(paths: impl IntoIterator<Item = String>) -> Result<()> {
+    let local: Vec<String> = paths.into_iter().filter(|p| is_local(p)).collect();
+    if local.is_empty() {
+        return Ok(());
+    }
+    local::sync(local).await
+}
+
 /// Every file under the directory `dir` (recursively), as `dir/<relative path>`. A missing
 /// directory holds no files.
 pub async fn list_files(config: &StoreConfig, dir: &str) -> Result<Vec<String>> {

@@ -166,7 +166,7 @@ pub fn plan_merge_on_read(
         let v = row_version(incoming, row, layout);
         let found = stored(key);
         if found.iter().any(|s| s.version > v) {
-            stats.ignored_older += 1;
+            stats.ignored.push(row);
             continue;
         }
         stats.written += 1;
@@ -365,7 +365,7 @@ mod tests {
             plan.stats,
             MergeStats {
                 written: 3,
-                ignored_older: 1
+                ignored: vec![2]
             }
         );
         assert_eq!(
@@ -385,7 +385,7 @@ mod tests {
         let plan =
             plan_merge_on_read(&incoming, &[0], &layout, |_| vec![stored(2, "f", 0)]).unwrap();
         assert!(plan.rows.is_none() && plan.deletes.is_empty());
-        assert_eq!(plan.stats.ignored_older, 1);
+        assert_eq!(plan.stats.ignored.len(), 1);
     }
 
     #[test]

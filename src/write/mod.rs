@@ -2,11 +2,13 @@
 //! writes) merge-on-read, commit one overwrite snapshot with optimistic concurrency, clean up.
 
 mod deletes;
+mod group;
 mod plan;
 mod stage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use iceberg::io::FileIO;
@@ -24,6 +26,7 @@ use parquet::schema::types::ColumnPath;
 use uuid::Uuid;
 
 pub use deletes::{BucketMode, BucketShape, MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
+pub use group::Groups;
 pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 pub use stage::{Token, discard, stage_batch};
 
@@ -81,6 +84,8 @@ pub struct WriteReport {
     /// Buckets planned again at commit time because another writer changed them first (the
     /// others were rebased: their files kept, only the snapshot rebuilt).
     pub replanned_buckets: usize,
+    /// Where the commit's time went (the last write's, for summed reports).
+    pub timings: commit::Timings,
     pub snapshot_id: Option<i64>,
 }
 
@@ -99,6 +104,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
             merge_on_read_buckets,
             attempts,
             replanned_buckets,
+            timings,
             snapshot_id,
         } = later;
         self.rows_written += rows_written;
@@ -110,6 +116,7 @@ impl std::ops::AddAssign<&WriteReport> for WriteReport {
         self.merge_on_read_buckets += merge_on_read_buckets;
         self.attempts += attempts;
         self.replanned_buckets += replanned_buckets;
+        self.timings = *timings;
         self.snapshot_id = snapshot_id.or(self.snapshot_id);
     }
 }
@@ -137,7 +144,8 @@ impl BucketRewrite {
             added_deletes: self.added_deletes,
             removed_deletes: paths(self.removed_deletes),
             written: self.stats.written,
-            ignored_older: self.stats.ignored_older,
+            ignored_older: self.stats.ignored.len(),
+            ignored_rows: self.stats.ignored,
             merge_on_read: self.merge_on_read,
         }
     }
@@ -545,9 +553,7 @@ struct Converted {
 }
 
 /// Where a write's rows come from.
-enum Rows<'a> {
-    /// Feast's values, converted for whichever schema the table has when planned.
-    Input(&'a WriteInput<'a>),
+enum Rows {
     /// Rows already in the table's Arrow schema (they must still fit when planned).
     Batch(Arc<RecordBatch>),
     /// None: compaction rewrites buckets from their own rows.
@@ -555,13 +561,13 @@ enum Rows<'a> {
 }
 
 /// The planner of upserts and compactions in this process.
-struct RowsPlanner<'a> {
+struct RowsPlanner {
     io: StoreIo,
-    rows: Rows<'a>,
+    rows: Rows,
     converted: Option<Converted>,
 }
 
-impl RowsPlanner<'_> {
+impl RowsPlanner {
     /// The rows converted for `state`'s schema: converting is the costly part of planning, so
     /// it is redone only when the schema moved.
     fn converted(&mut self, state: &TableState) -> Result<&Converted> {
@@ -572,7 +578,6 @@ impl RowsPlanner<'_> {
             .is_none_or(|c| c.schema_id != schema_id)
         {
             let incoming = match &self.rows {
-                Rows::Input(input) => Arc::new(build_write_batch(&state.layout, input)?),
                 Rows::Batch(batch) if batch.schema() == state.layout.arrow => batch.clone(),
                 Rows::Batch(_) => {
                     return Err(Error::schema(format!(
@@ -601,7 +606,7 @@ impl RowsPlanner<'_> {
 }
 
 #[async_trait::async_trait]
-impl Planner for RowsPlanner<'_> {
+impl Planner for RowsPlanner {
     async fn plan(
         &mut self,
         state: &Arc<TableState>,
@@ -649,6 +654,7 @@ fn report(done: Committed) -> WriteReport {
     let mut report = WriteReport {
         attempts: done.attempts,
         replanned_buckets: done.replanned,
+        timings: done.timings,
         snapshot_id: done.snapshot_id,
         ..WriteReport::default()
     };
@@ -666,7 +672,7 @@ fn report(done: Committed) -> WriteReport {
     report
 }
 
-async fn commit_rows(store: &Store, table: &str, rows: Rows<'_>) -> Result<WriteReport> {
+async fn commit_rows(store: &Store, table: &str, rows: Rows) -> Result<WriteReport> {
     let id = store.table_id(table)?;
     let mut planner = RowsPlanner {
         io: StoreIo::new(store, Placement::default()),
@@ -678,8 +684,31 @@ async fn commit_rows(store: &Store, table: &str, rows: Rows<'_>) -> Result<Write
     ))
 }
 
-pub async fn upsert(store: &Store, table: &str, input: &WriteInput<'_>) -> Result<WriteReport> {
-    commit_rows(store, table, Rows::Input(input)).await
+/// Upserts Feast's rows: converted (and validated) for the table's schema, then committed
+/// with whatever other writes to the table this process has waiting (`group`).
+pub async fn upsert(
+    store: &Arc<Store>,
+    table: &str,
+    input: &WriteInput<'_>,
+) -> Result<WriteReport> {
+    let id = store.table_id(table)?;
+    // The cached schema serves the conversion; a batch converted for a schema that moved
+    // meanwhile is converted again for the new one.
+    let mut state = store.current(&id, Duration::MAX).await?;
+    loop {
+        let batch = build_write_batch(&state.layout, input)?;
+        let schema = batch.schema();
+        match group::write(store, &id, batch).await {
+            Err(Error::SchemaMismatch(why)) => {
+                let fresh = store.current(&id, Duration::ZERO).await?;
+                if fresh.layout.arrow == schema {
+                    return Err(Error::SchemaMismatch(why));
+                }
+                state = fresh;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Upserts rows already in the table's Arrow schema (migration converts them itself).

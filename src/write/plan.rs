@@ -40,12 +40,13 @@ pub fn winners_by_bucket(
 }
 
 /// What merging one bucket did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct MergeStats {
     /// Incoming rows that replaced or added a key.
     pub written: usize,
-    /// Incoming rows older than the stored row for their key (the stored row stays).
-    pub ignored_older: usize,
+    /// Incoming rows (indices) older than the stored row for their key (the stored row
+    /// stays). A group commit tells each caller which of its rows these were.
+    pub ignored: Vec<usize>,
 }
 
 /// Merges `incoming[rows]` into the bucket's `existing` rows: per key the newest version wins
@@ -83,7 +84,7 @@ pub fn merge_bucket(
         let v = row_version(incoming, row, layout);
         let key = in_keys.value(row);
         match winners.get(key) {
-            Some(&(_, _, stored)) if stored > v => stats.ignored_older += 1,
+            Some(&(_, _, stored)) if stored > v => stats.ignored.push(row),
             _ => {
                 winners.insert(key, (INCOMING, row, v));
                 stats.written += 1;

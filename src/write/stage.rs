@@ -122,6 +122,7 @@ impl Token {
                     removed_deletes: b.removed_deletes.clone(),
                     written: b.written,
                     ignored_older: b.ignored_older,
+                    ignored_rows: Vec::new(),
                     merge_on_read: b.merge_on_read,
                 })
             })
