@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -285,3 +286,56 @@ def make_env(tmp_path: Path, backend: Backend) -> Callable[..., Env]:
 @pytest.fixture
 def env(make_env: Callable[..., Env]) -> Env:
     return make_env()
+
+
+# ---- the distributed engines (tests/test_spark_engine.py, tests/test_ray_engine.py) ---------
+
+
+@pytest.fixture(scope="session")
+def engine_faults(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the engines' fault hook (`feast_iceberg.distributed.FAULTS_ENV`). It is
+    in the environment before Spark's JVM and Ray's workers start, so they inherit it; a test
+    arms it by creating a marker file there."""
+    from feast_iceberg.distributed import FAULTS_ENV
+
+    path = tmp_path_factory.mktemp("engine_faults")
+    os.environ[FAULTS_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def spark(engine_faults: Path) -> Any:
+    """One local SparkSession for the session: 2 threads, and up to 4 attempts per task
+    (`local[N,F]`; plain `local[N]` never retries a task)."""
+    pytest.importorskip("pyspark")
+    from pyspark.sql import SparkSession
+
+    # The workers must run this interpreter (its venv holds feast_iceberg).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = (
+        SparkSession.builder.master("local[2,4]")
+        .appName("feast-iceberg-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.driver.memory", "1g")
+        .getOrCreate()
+    )
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(engine_faults: Path) -> Any:
+    """One local Ray cluster for the session (2 CPUs, no dashboard)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield ray
+    ray.shutdown()

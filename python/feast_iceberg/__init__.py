@@ -1,5 +1,6 @@
 """feast-iceberg: a Feast online store on Apache Iceberg with true upserts."""
 
+import importlib
 from typing import Any
 
 from ._internal import __version__
@@ -23,16 +24,23 @@ from .exceptions import (
 )
 from .online_store import IcebergOnlineStore
 
-# `batch_engine: {type: feast_iceberg.IcebergArrowEngine}` makes Feast import these two names
-# from this package; they load Feast's compute-engine modules, so only on first use.
-_ENGINE_NAMES = ("IcebergArrowEngine", "IcebergArrowEngineConfig")
+# `batch_engine: {type: feast_iceberg.IcebergArrowEngine}` makes Feast import the engine and
+# its config class from this package; they load Feast's compute-engine modules (and pyspark or
+# ray, the optional extras `spark` and `ray`), so only on first use.
+_ENGINE_MODULES = {
+    "IcebergArrowEngine": "engine",
+    "IcebergArrowEngineConfig": "engine",
+    "IcebergSparkEngine": "spark_engine",
+    "IcebergSparkEngineConfig": "spark_engine",
+    "IcebergRayEngine": "ray_engine",
+    "IcebergRayEngineConfig": "ray_engine",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ENGINE_NAMES:
-        from . import engine
-
-        return getattr(engine, name)
+    module = _ENGINE_MODULES.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f"{__name__}.{module}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -49,6 +57,10 @@ __all__ = [
     "IcebergArrowEngineConfig",
     "IcebergOnlineStore",
     "IcebergOnlineStoreConfig",
+    "IcebergRayEngine",
+    "IcebergRayEngineConfig",
+    "IcebergSparkEngine",
+    "IcebergSparkEngineConfig",
     "InternalError",
     "InvalidInputError",
     "ReadTimeoutError",

@@ -8,6 +8,8 @@ The package is pinned to the Feast minor release these were checked against (pyp
 from __future__ import annotations
 
 import asyncio
+import copy
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +81,93 @@ def materialize_one(
         return LocalMaterializationJob(
             job_id=job_id, status=MaterializationJobStatus.ERROR, error=e
         )
+
+
+# The Spark and Ray engines' modules import pyspark and ray, which are optional extras: their
+# names load on first use (`from ._feast_compat import SparkWriteNode` imports pyspark then).
+_LAZY = {
+    "DAGFormat": "feast.infra.compute_engines.dag.model",
+    "DAGValue": "feast.infra.compute_engines.dag.value",
+    "SparkComputeEngine": "feast.infra.compute_engines.spark.compute",
+    "SparkComputeEngineConfig": "feast.infra.compute_engines.spark.compute",
+    "SparkFeatureBuilder": "feast.infra.compute_engines.spark.feature_builder",
+    "SparkMaterializationJob": "feast.infra.compute_engines.spark.job",
+    "SparkWriteNode": "feast.infra.compute_engines.spark.nodes",
+    "RayComputeEngine": "feast.infra.compute_engines.ray.compute",
+    "RayComputeEngineConfig": "feast.infra.compute_engines.ray.config",
+    "RayFeatureBuilder": "feast.infra.compute_engines.ray.feature_builder",
+    "RayMaterializationJob": "feast.infra.compute_engines.ray.job",
+    "RayWriteNode": "feast.infra.compute_engines.ray.nodes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def spark_materialize_one(engine: Any, registry: BaseRegistry, task: Any, builder: Any) -> Any:
+    """`SparkComputeEngine._materialize_one` (its DAG path) with another feature builder
+    class, built as Feast builds `SparkFeatureBuilder` inline. The job carries any error."""
+    job_cls = __getattr__("SparkMaterializationJob")
+    job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
+    context = engine.get_execution_context(registry, task)
+    spark_session = engine._get_feature_view_spark_session(task.feature_view)
+    try:
+        plan = builder(registry=registry, spark_session=spark_session, task=task).build()
+        plan.execute(context)
+        return job_cls(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED)
+    except Exception as e:
+        return job_cls(job_id=job_id, status=MaterializationJobStatus.ERROR, error=e)
+
+
+def ray_materialize_one(engine: Any, registry: BaseRegistry, task: Any, builder: Any) -> Any:
+    """`RayComputeEngine._materialize_one` (its DAG path) with another feature builder class,
+    built as Feast builds `RayFeatureBuilder` inline. The job carries any error."""
+    job_cls = __getattr__("RayMaterializationJob")
+    job_id = f"{task.feature_view.name}-{task.start_time}-{task.end_time}"
+    try:
+        context = engine.get_execution_context(registry, task)
+        plan = builder(registry, task.feature_view, task, engine.config).build()
+        result = plan.execute(context)
+        return job_cls(job_id=job_id, status=MaterializationJobStatus.SUCCEEDED, result=result)
+    except Exception as e:
+        return job_cls(job_id=job_id, status=MaterializationJobStatus.ERROR, error=e)
+
+
+def replace_node_class(plan: Any, old: type, new: type) -> Any:
+    """Makes every node of `plan` that is exactly an `old` a `new` (a subclass adding no
+    state): Feast's Ray builder creates its write nodes inline in its materialization plan,
+    where no builder method can return another class, and derived views' read nodes hold
+    references to them, so the objects stay and only their class changes."""
+    for node in plan.nodes:
+        if type(node) is old:
+            node.__class__ = new
+    return plan
+
+
+def declared_arrow_types(feature_view: Any) -> dict[str, Any]:
+    """The Arrow type Feast's type map gives each join key and feature of the view (the
+    types its Ray validation step expects), where it has one."""
+    from feast.types import from_feast_to_pyarrow_type
+
+    types = {}
+    for field in [*feature_view.entity_columns, *feature_view.features]:
+        try:
+            types[field.name] = from_feast_to_pyarrow_type(field.dtype)
+        except (ValueError, KeyError):
+            continue
+    return types
+
+
+def without_online_write(feature_view: Any) -> Any:
+    """A copy of the view with `online` off, for Feast's write nodes to do only their
+    offline half (the online half having been written natively)."""
+    view = copy.copy(feature_view)
+    view.online = False
+    return view
 
 
 @dataclass
@@ -190,12 +279,17 @@ __all__ = [
     "SupportedAsyncMethods",
     "ViewReadHooks",
     "ViewsRequest",
+    "declared_arrow_types",
     "is_precomputed_view",
     "materialize_one",
+    "ray_materialize_one",
+    "replace_node_class",
+    "spark_materialize_one",
     "online_write_batch_size",
     "table_entity_values",
     "track_feature_statuses",
     "validate_vector_widths",
     "versioned_name",
     "versioning_enabled",
+    "without_online_write",
 ]
