@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -54,7 +54,8 @@ task killed mid-write that the engines' tests retry. Unset (always, outside test
 class StagedWrite:
     """One feature view's staged write: what every task of the job needs."""
 
-    store_json: str
+    # The store's settings, credentials included: shipped to workers, never shown.
+    store_json: str = field(repr=False)
     table: str
     view: str
     job: str
