@@ -158,7 +158,11 @@ def test_storage_counters_survive_io_stats_reset_and_dropped_stores(menv: Env) -
     assert value(gone, "feast_iceberg_stores") == value(live, "feast_iceberg_stores") - 1
 
 
-def test_racing_writers_count_conflicts_as_retries(menv: Env) -> None:
+def test_racing_writers_queue_on_the_commit_lock(menv: Env) -> None:
+    """Four stores (as four processes would) released together on one table of an SQL
+    catalog: they queue on the catalog's commit lock, so every commit is counted as committed
+    and none lost a race (conflicts and retries are counted per table: the Rust unit test
+    `commits_retries_and_cleanup_failures_count_per_table`)."""
     view = driver_view()
     menv.apply(view)
     table = label(menv, view)
@@ -192,11 +196,8 @@ def test_racing_writers_count_conflicts_as_retries(menv: Env) -> None:
 
     commits = "feast_iceberg_commits_total"
     assert moved(commits, table=table, outcome="committed") == writers * rounds
-    # Four writers released together on one table: all but one lose each race at least once.
-    conflicts = moved(commits, table=table, outcome="conflict")
-    assert conflicts >= 1
-    # Every lost race was planned again (no writer ran out of retries).
-    assert moved("feast_iceberg_commit_retries_total", table=table) == conflicts
+    assert moved(commits, table=table, outcome="conflict") == 0
+    assert moved("feast_iceberg_commit_retries_total", table=table) == 0
 
 
 def written_table(make_env: Callable[..., Env], **online: Any) -> tuple[Env, Any, str, Path]:
