@@ -422,16 +422,18 @@ def main() -> int:
             sw = servers.start_seaweed()
             stack.callback(sw.close)
             os.environ["BENCH_REST_S3"] = json.dumps(servers.rest_s3_online_store(sw))
+        out = BENCH / "results" / f"commits-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        out.parent.mkdir(exist_ok=True)
         for store in stores:
             print(f"== {store}", flush=True)
             results[store] = bench_store(store, Path(tmp), entities, pushes, seconds)
             print(json.dumps(results[store], indent=1), flush=True)
+            # Saved after every store: a later store's failure keeps the earlier results.
+            out.write_text(
+                json.dumps({"entities": entities, "pushes": pushes, "results": results}, indent=1)
+            )
     print(f"\n{entities} entities, {pushes} pushes per process, 16 threads for {seconds:.0f} s\n")
     print(table(results))
-    out = BENCH / "results" / f"commits-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps({"entities": entities, "pushes": pushes, "results": results}, indent=1)
-    )
     print(f"\nresults: {out}")
     return 0
 
