@@ -518,15 +518,18 @@ pub async fn commit_buckets(
                 }
             }
         }
-        if !planned.values().any(BucketChange::changes_files) {
-            return Ok(Committed {
+        let nothing = |planned: BTreeMap<i32, BucketChange>, replanned, rebases, timings| {
+            Committed {
                 snapshot_id: None,
                 attempts: attempt,
                 changes: planned.into_values().collect(),
                 replanned,
                 rebases,
-                timings: t,
-            });
+                timings,
+            }
+        };
+        if !planned.values().any(BucketChange::changes_files) {
+            return Ok(nothing(planned, replanned, rebases, t));
         }
         let started = std::time::Instant::now();
         let held = match lock(store, id).await {
@@ -560,6 +563,13 @@ pub async fn commit_buckets(
                     rebases += u32::from(!planned.is_empty());
                     planned_on = now.clone();
                     state = now;
+                    // Planned again on what landed meanwhile, the rows may all be there
+                    // already: then there is nothing to commit (a snapshot-less commit would
+                    // still expire the current snapshot).
+                    if !planned.values().any(BucketChange::changes_files) {
+                        unlock(store, held).await;
+                        return Ok(nothing(planned, replanned, rebases, t));
+                    }
                 }
                 Err(e) => {
                     unlock(store, held).await;

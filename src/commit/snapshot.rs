@@ -326,7 +326,12 @@ async fn prepare_inner(
         }
         .apply(builder)?;
     }
-    let expired_snapshots = std::mem::take(&mut changes.expire);
+    let mut expired_snapshots = std::mem::take(&mut changes.expire);
+    if snapshot_id.is_none() {
+        // Retention planned for a new snapshot may name the current one; without a new
+        // snapshot the current one stays.
+        expired_snapshots.retain(|id| Some(*id) != base.metadata.current_snapshot_id());
+    }
     if !expired_snapshots.is_empty() {
         builder = builder.remove_snapshots(&expired_snapshots);
     }
