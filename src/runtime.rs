@@ -70,13 +70,15 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     tokio::task::spawn_blocking(f).await.map_err(join_error)
 }
 
+/// The machine's cores (what the CPU slots and bounded write tasks count).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
 /// Runs the CPU-heavy `f` of a write on the blocking pool, once one of the process's slots
 /// (one per core) is free.
 pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let slots = per_process(&CPU_SLOTS, || {
-        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        Ok(Semaphore::new(cores))
-    })?;
+    let slots = per_process(&CPU_SLOTS, || Ok(Semaphore::new(cores())))?;
     let _slot = slots
         .acquire()
         .await

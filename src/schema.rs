@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use arrow_schema::SchemaRef;
 use iceberg::spec::{
-    ListType, NestedField, NestedFieldRef, PrimitiveType, Schema, TableMetadata, Type,
+    ListType, NestedField, NestedFieldRef, PrimitiveType, Schema, TableMetadata, Transform, Type,
+    UnboundPartitionSpec,
 };
 
 use crate::error::{Error, Result};
@@ -31,8 +32,14 @@ const RESERVED: [&str; 3] = [ENTITY_KEY, EVENT_TS, CREATED_TS];
 pub const PROP_VALUE_TYPES: &str = "feast.value-types";
 /// Table property holding the join key column names, in Feast's order.
 pub const PROP_JOIN_KEYS: &str = "feast.join-keys";
-/// Table property holding the bucket count of `bucket[N](entity_key)`.
+/// Table property holding the bucket count of `bucket[N](entity_key)`: the partition spec is
+/// what counts; the property follows it for readers of older versions of this store.
 pub const PROP_BUCKETS: &str = "feast.bucket-count";
+/// The partition field of every spec of ours (a re-bucketed spec keeps the name, so the data
+/// directories stay `entity_key_bucket=<b>`).
+const BUCKET_FIELD: &str = "entity_key_bucket";
+/// The most buckets a table gets (`partition_count` and re-bucketing alike).
+pub const MAX_BUCKETS: u32 = 4096;
 
 /// Feast scalar kinds with an exact Iceberg twin. The discriminant is Feast's `ValueType`
 /// number, which is also the `Value` oneof field number of the scalar.
@@ -330,6 +337,25 @@ pub fn declared_types(md: &TableMetadata) -> Result<BTreeMap<String, i32>> {
         .map_err(|e| Error::corrupt(md.location(), format!("bad {PROP_VALUE_TYPES}: {e}")))
 }
 
+/// The partition spec `bucket[n](entity_key)`, `key_field` being the id of `entity_key`.
+pub fn bucket_spec(key_field: i32, n: u32) -> Result<UnboundPartitionSpec> {
+    Ok(UnboundPartitionSpec::builder()
+        .add_partition_field(key_field, BUCKET_FIELD, Transform::Bucket(n))?
+        .build())
+}
+
+/// The N of the table's current partition spec when it is `bucket[N](entity_key)`.
+pub fn spec_buckets(md: &TableMetadata) -> Option<u32> {
+    let key = md.current_schema().field_by_name(ENTITY_KEY)?.id;
+    match md.default_partition_spec().fields() {
+        [field] if field.source_id == key => match field.transform {
+            Transform::Bucket(n) => Some(n),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 impl Layout {
     pub fn from_metadata(md: &TableMetadata) -> Result<Self> {
         let schema = md.current_schema().clone();
@@ -366,10 +392,10 @@ impl Layout {
                 features.push(col);
             }
         }
-        let buckets = md
-            .properties()
-            .get(PROP_BUCKETS)
-            .and_then(|s| s.parse().ok())
+        // The current spec decides which bucket a key is in (every engine prunes by it); the
+        // property only for a spec that is not ours, whose files every lookup consults anyway.
+        let buckets = spec_buckets(md)
+            .or_else(|| md.properties().get(PROP_BUCKETS)?.parse().ok())
             .ok_or_else(|| Error::corrupt(md.location(), format!("missing {PROP_BUCKETS}")))?;
         Ok(Self {
             entity_key: index_of(ENTITY_KEY)?,

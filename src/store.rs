@@ -10,7 +10,7 @@ use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::{
     FormatVersion, NullOrder, SortDirection, SortField, SortOrder, TableMetadata,
-    TableMetadataBuilder, Transform, UnboundPartitionSpec,
+    TableMetadataBuilder, Transform,
 };
 use tokio::sync::OnceCell;
 
@@ -597,13 +597,7 @@ impl Store {
             .field_by_name(ENTITY_KEY)
             .ok_or_else(|| Error::internal("entity_key missing"))?
             .id;
-        let spec = UnboundPartitionSpec::builder()
-            .add_partition_field(
-                key_id,
-                "entity_key_bucket",
-                Transform::Bucket(self.config.partition_count),
-            )?
-            .build();
+        let spec = schema::bucket_spec(key_id, self.config.partition_count)?;
         let sort = SortOrder::builder()
             .with_order_id(1)
             .with_sort_field(

@@ -20,6 +20,10 @@ use crate::storage::IoCounter;
 #[derive(Debug)]
 pub struct LiveFile {
     pub entry: ManifestEntryRef,
+    /// The partition spec it was written in (its manifest's: iceberg-rust keeps a data file's
+    /// own copy private).
+    pub spec_id: i32,
+    /// Its bucket, when it was written in the table's current `bucket[N](entity_key)` spec.
     pub bucket: Option<i32>,
 }
 
@@ -38,6 +42,10 @@ impl LiveFile {
 /// The files one snapshot references.
 #[derive(Debug, Default)]
 pub struct SnapshotFiles {
+    /// The table's current spec when it is `bucket[N](entity_key)`: only files written in it
+    /// are filed by bucket (a re-bucketed table's files of an older spec, or files other
+    /// engines wrote, would answer for other keys).
+    bucket_spec: Option<i32>,
     pub snapshot_id: Option<i64>,
     pub manifest_list: Option<String>,
     pub manifests: Vec<String>,
@@ -70,6 +78,7 @@ impl SnapshotFiles {
         io.add(bytes.len());
         let list = ManifestList::parse_with_version(&bytes, md.format_version())?;
         let mut out = Self {
+            bucket_spec: bucket_spec_id(md),
             snapshot_id: Some(snapshot.snapshot_id()),
             manifest_list: Some(snapshot.manifest_list().to_string()),
             ..Self::default()
@@ -80,7 +89,7 @@ impl SnapshotFiles {
             io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
             for entry in manifest.entries() {
                 if entry.is_alive() {
-                    out.add(entry.clone());
+                    out.add(entry.clone(), manifest_file.partition_spec_id);
                 }
             }
         }
@@ -88,49 +97,51 @@ impl SnapshotFiles {
     }
 
     /// The files of a snapshot this process just wrote on top of `base` (which holds no
-    /// equality deletes: we never write to such tables): `base`'s live files
-    /// except `removed`, plus `added` (data and delete files) as entries of `snapshot_id` at
-    /// sequence number `seq`. Saves reading back the manifests just written.
+    /// equality deletes: we never write to such tables), `md` being the table's metadata with
+    /// it: `base`'s live files except `removed`, plus `added` (data and delete files, written
+    /// in `md`'s default spec). Saves reading back the manifests just written.
     pub fn after(
         base: &SnapshotFiles,
-        snapshot_id: i64,
-        manifest_list: String,
-        manifests: Vec<String>,
-        seq: i64,
+        md: &TableMetadata,
+        snapshot: NewSnapshot,
         removed: &HashSet<&str>,
         added: &[&DataFile],
     ) -> Self {
         let mut out = Self {
-            snapshot_id: Some(snapshot_id),
-            manifest_list: Some(manifest_list),
-            manifests,
+            bucket_spec: bucket_spec_id(md),
+            snapshot_id: Some(snapshot.snapshot_id),
+            manifest_list: Some(snapshot.manifest_list),
+            manifests: snapshot.manifests,
             ..Self::default()
         };
         for f in base.data.iter().chain(&base.deletes) {
             if !removed.contains(f.path()) {
-                out.add(f.entry.clone());
+                out.add(f.entry.clone(), f.spec_id);
             }
         }
         for df in added {
-            out.add(Arc::new(
-                ManifestEntry::builder()
-                    .status(ManifestStatus::Added)
-                    .snapshot_id(snapshot_id)
-                    .sequence_number(seq)
-                    .file_sequence_number(seq)
-                    .data_file((*df).clone())
-                    .build(),
-            ));
+            let entry = ManifestEntry::builder()
+                .status(ManifestStatus::Added)
+                .snapshot_id(snapshot.snapshot_id)
+                .sequence_number(snapshot.seq)
+                .file_sequence_number(snapshot.seq)
+                .data_file((*df).clone())
+                .build();
+            out.add(Arc::new(entry), md.default_partition_spec_id());
         }
         out
     }
 
-    /// Files one live manifest entry to the lists it belongs in.
-    fn add(&mut self, entry: ManifestEntryRef) {
-        let bucket = bucket_of(&entry);
+    /// Files one live manifest entry (written in spec `spec_id`) to the lists it belongs in.
+    fn add(&mut self, entry: ManifestEntryRef, spec_id: i32) {
+        let bucket = bucket_of(&entry).filter(|_| self.bucket_spec == Some(spec_id));
         let content = entry.content_type();
         let path = entry.file_path().to_string();
-        let file = Arc::new(LiveFile { entry, bucket });
+        let file = Arc::new(LiveFile {
+            entry,
+            spec_id,
+            bucket,
+        });
         match content {
             DataContentType::Data => {
                 match bucket {
@@ -220,6 +231,20 @@ impl SnapshotFiles {
     pub fn total_bytes(&self) -> u64 {
         self.data.iter().map(|f| f.entry.file_size_in_bytes()).sum()
     }
+}
+
+/// A snapshot a commit of ours adds: what `SnapshotFiles::after` needs of it.
+pub struct NewSnapshot {
+    pub snapshot_id: i64,
+    pub manifest_list: String,
+    pub manifests: Vec<String>,
+    /// Its sequence number.
+    pub seq: i64,
+}
+
+/// The id of the table's current spec when it is ours, `bucket[N](entity_key)`.
+fn bucket_spec_id(md: &TableMetadata) -> Option<i32> {
+    crate::schema::spec_buckets(md).map(|_| md.default_partition_spec_id())
 }
 
 fn bucket_of(entry: &ManifestEntryRef) -> Option<i32> {
@@ -321,5 +346,111 @@ impl TableState {
             files: Arc::new(files),
             checked_at: Instant::now(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iceberg::TableUpdate;
+    use iceberg::spec::{
+        DataFileBuilder, DataFileFormat, FormatVersion, NestedField, PrimitiveType, Schema,
+        SortOrder, Struct, TableMetadataBuilder, Type,
+    };
+
+    use crate::schema::{ENTITY_KEY, bucket_spec, spec_buckets};
+
+    /// A table created as `bucket[counts[0]](entity_key)`, re-bucketed through the others.
+    fn metadata(counts: &[u32]) -> TableMetadata {
+        let schema = Schema::builder()
+            .with_fields([NestedField::required(
+                1,
+                ENTITY_KEY,
+                Type::Primitive(PrimitiveType::Binary),
+            )
+            .into()])
+            .build()
+            .unwrap();
+        let mut builder = TableMetadataBuilder::new(
+            schema,
+            bucket_spec(1, counts[0]).unwrap(),
+            SortOrder::unsorted_order(),
+            "memory://t".into(),
+            FormatVersion::V2,
+            HashMap::new(),
+        )
+        .unwrap();
+        for &n in &counts[1..] {
+            builder = TableUpdate::AddSpec {
+                spec: bucket_spec(1, n).unwrap(),
+            }
+            .apply(builder)
+            .unwrap();
+            builder = TableUpdate::SetDefaultSpec { spec_id: -1 }
+                .apply(builder)
+                .unwrap();
+        }
+        builder.build().unwrap().metadata
+    }
+
+    fn data_file(path: &str, bucket: i32) -> DataFile {
+        DataFileBuilder::default()
+            .content(DataContentType::Data)
+            .file_format(DataFileFormat::Parquet)
+            .file_path(path.to_string())
+            .file_size_in_bytes(1024)
+            .record_count(10)
+            .partition(Struct::from_iter([Some(Literal::int(bucket))]))
+            .build()
+            .unwrap()
+    }
+
+    fn snapshot(id: i64) -> NewSnapshot {
+        NewSnapshot {
+            snapshot_id: id,
+            manifest_list: format!("memory://t/snap-{id}.avro"),
+            manifests: Vec::new(),
+            seq: id,
+        }
+    }
+
+    fn paths<'a>(files: impl Iterator<Item = &'a Arc<LiveFile>>) -> Vec<&'a str> {
+        let mut out: Vec<&str> = files.map(|f| f.path()).collect();
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn only_files_of_the_current_bucket_spec_are_filed_by_bucket() {
+        let old = metadata(&[4]);
+        assert_eq!(spec_buckets(&old), Some(4));
+        let (a, b) = (data_file("a", 1), data_file("b", 3));
+        let none = HashSet::new();
+        let base = SnapshotFiles::after(
+            &SnapshotFiles::default(),
+            &old,
+            snapshot(1),
+            &none,
+            &[&a, &b],
+        );
+        assert_eq!(paths(base.files_for_bucket(1)), ["a"]);
+        assert_eq!(base.unbucketed_count(), 0);
+
+        // Re-bucketed to 8: a file left in the old spec holds keys of several new buckets
+        // (its bucket 1 is new buckets 1 and 5), so every lookup must consult it.
+        let new = metadata(&[4, 8]);
+        assert_eq!(spec_buckets(&new), Some(8));
+        assert_ne!(
+            new.default_partition_spec_id(),
+            old.default_partition_spec_id()
+        );
+        let c = data_file("c", 5);
+        let after = SnapshotFiles::after(&base, &new, snapshot(2), &HashSet::from(["b"]), &[&c]);
+        assert_eq!(after.unbucketed_count(), 1);
+        assert_eq!(paths(after.files_for_bucket(5)), ["a", "c"]);
+        assert_eq!(paths(after.files_for_bucket(1)), ["a"]);
+        let spec_of = |p: &str| after.data.iter().find(|f| f.path() == p).unwrap().spec_id;
+        assert_eq!(spec_of("a"), old.default_partition_spec_id());
+        assert_eq!(spec_of("c"), new.default_partition_spec_id());
     }
 }

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::DataFile;
 
@@ -243,6 +244,8 @@ pub fn bucket_base(state: &TableState, bucket: i32) -> BucketBase {
 pub struct BucketChange {
     pub bucket: i32,
     pub base: BucketBase,
+    /// The partition spec its files were written in.
+    pub spec_id: i32,
     pub added: Vec<DataFile>,
     /// Data files of `base` the change replaces.
     pub removed: Vec<String>,
@@ -287,6 +290,11 @@ pub trait Planner: Send {
     /// True for a compaction: the snapshot is a `replace`, the rows stay the same.
     fn compaction(&self) -> bool {
         false
+    }
+
+    /// Metadata changes that land with the data (a new partition spec), built on `state`.
+    fn updates(&self, _state: &TableState) -> Result<Vec<TableUpdate>> {
+        Ok(Vec::new())
     }
 
     /// True when `state` can take the changes planned on `planned_on` bucket by bucket; false
@@ -346,7 +354,7 @@ fn snapshot_changes(
     store: &Store,
     state: &TableState,
     planned: &BTreeMap<i32, BucketChange>,
-    compaction: bool,
+    planner: &dyn Planner,
 ) -> Result<Changes> {
     let live: HashMap<&str, &Arc<LiveFile>> = state
         .files
@@ -366,13 +374,26 @@ fn snapshot_changes(
             .collect()
     };
     let mut changes = Changes {
-        compaction,
+        compaction: planner.compaction(),
         expire: store.expirable(&state.metadata, true),
+        updates: planner.updates(state)?,
         ..Changes::default()
     };
     for c in planned.values() {
         if c.changes_files() {
             changes.buckets_changed += 1;
+        }
+        if !c.added.is_empty() || !c.added_deletes.is_empty() {
+            // One spec for every file added: `prepare` checks it is the table's.
+            if changes
+                .added_spec
+                .replace(c.spec_id)
+                .is_some_and(|s| s != c.spec_id)
+            {
+                return Err(Error::internal(
+                    "one commit adds files written in different partition specs",
+                ));
+            }
         }
         changes.added.extend(c.added.iter().cloned());
         changes
@@ -579,7 +600,7 @@ pub async fn commit_buckets(
             }
         }
         let started = std::time::Instant::now();
-        let prepared = match snapshot_changes(store, &state, &planned, planner.compaction()) {
+        let prepared = match snapshot_changes(store, &state, &planned, planner) {
             Ok(changes) => prepare(&store.file_io, &state, changes).await,
             Err(e) => Err(e),
         };

@@ -10,21 +10,23 @@
 //! listed the same way. Automatic compaction keeps a bucket to a few files, so rewriting the
 //! manifests costs less than tracking several and keeps reads to at most two manifests.
 
-use std::collections::{HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataFile, MAIN_BRANCH, ManifestListWriter, ManifestWriter, ManifestWriterBuilder, Operation,
-    Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata,
+    DataFile, MAIN_BRANCH, ManifestFile, ManifestListWriter, ManifestWriter, ManifestWriterBuilder,
+    Operation, Snapshot, SnapshotReference, SnapshotRetention, Summary, TableMetadata,
+    TableMetadataBuilder,
 };
 use iceberg::{TableRequirement, TableUpdate};
 use uuid::Uuid;
 
 use super::delete_quietly;
 use crate::catalog::TableId;
-use crate::error::Result;
-use crate::table::{LiveFile, SnapshotFiles, TableState};
+use crate::error::{Error, Result};
+use crate::table::{LiveFile, NewSnapshot, SnapshotFiles, TableState};
 
 /// A new metadata version: its snapshot files are written, the metadata itself is not yet
 /// (a SQL catalog commit writes it, a REST catalog builds its own from `updates`).
@@ -123,18 +125,17 @@ fn summary(base: &TableState, changes: &Changes) -> Summary {
 /// `add_delete_file` marks an entry DELETED whatever its content; the name misleads.
 fn list_files(
     manifest: &mut ManifestWriter,
-    live: &[Arc<LiveFile>],
-    removed: &[Arc<LiveFile>],
+    live: &[&Arc<LiveFile>],
+    removed: &HashSet<&str>,
     added: &[DataFile],
     snapshot_id: i64,
     seq: i64,
 ) -> Result<()> {
-    let removed_paths: HashSet<&str> = removed.iter().map(|f| f.path()).collect();
     for f in live {
         let e = &f.entry;
         let data_seq = e.sequence_number().unwrap_or(0);
         let file_seq = e.file_sequence_number.or(Some(data_seq));
-        if removed_paths.contains(f.path()) {
+        if removed.contains(f.path()) {
             manifest.add_delete_file(e.data_file().clone(), data_seq, file_seq)?;
         } else {
             let origin = e.snapshot_id().unwrap_or(snapshot_id);
@@ -147,66 +148,115 @@ fn list_files(
     Ok(())
 }
 
-/// Writes the manifests and manifest list of a snapshot that applies `changes` to `base`, and
-/// returns the snapshot: one data manifest, plus one delete manifest when the table has or
-/// gets position-delete files.
+/// The manifests of one content (data or deletes) of a snapshot, one per partition spec:
+/// files written in an older spec (the DELETED entries of a re-bucketing) stay described by
+/// it, as Iceberg requires; `added` files are in `md`'s default spec.
+struct ManifestGroup<'a> {
+    deletes: bool,
+    live: &'a [Arc<LiveFile>],
+    added: &'a [DataFile],
+}
+
+impl ManifestGroup<'_> {
+    fn is_empty(&self) -> bool {
+        self.live.is_empty() && self.added.is_empty()
+    }
+
+    /// Each spec's live files, the default spec's with the added files.
+    fn by_spec(&self, md: &TableMetadata) -> BTreeMap<i32, (Vec<&Arc<LiveFile>>, &[DataFile])> {
+        let mut out: BTreeMap<i32, (Vec<&Arc<LiveFile>>, &[DataFile])> = BTreeMap::new();
+        for f in self.live {
+            out.entry(f.spec_id).or_default().0.push(f);
+        }
+        out.entry(md.default_partition_spec_id()).or_default().1 = self.added;
+        out.retain(|_, (live, added)| !live.is_empty() || !added.is_empty());
+        out
+    }
+}
+
+/// Writes the snapshot's manifests (at once) and returns their descriptions.
+async fn write_manifests(
+    file_io: &FileIO,
+    md: &TableMetadata,
+    groups: [ManifestGroup<'_>; 2],
+    removed: &HashSet<&str>,
+    snapshot_id: i64,
+    written: &mut Vec<String>,
+) -> Result<Vec<ManifestFile>> {
+    let seq = md.next_sequence_number();
+    let commit = Uuid::new_v4();
+    let mut writers = Vec::new();
+    for group in groups.iter().filter(|g| !g.is_empty()) {
+        for (spec_id, (live, added)) in group.by_spec(md) {
+            let spec = md.partition_spec_by_id(spec_id).ok_or_else(|| {
+                Error::internal(format!("a live file's partition spec {spec_id} is unknown"))
+            })?;
+            let path = format!(
+                "{}/metadata/{commit}-m{}.avro",
+                md.location(),
+                writers.len()
+            );
+            written.push(path.clone());
+            let builder = ManifestWriterBuilder::new(
+                file_io.new_output(&path)?,
+                Some(snapshot_id),
+                md.current_schema().clone(),
+                spec.as_ref().clone(),
+            );
+            let mut manifest = if group.deletes {
+                builder.build_v2_deletes()
+            } else {
+                builder.build_v2_data()
+            };
+            list_files(&mut manifest, &live, removed, added, snapshot_id, seq)?;
+            writers.push(manifest);
+        }
+    }
+    // The manifests are independent files: written at once.
+    Ok(
+        futures::future::try_join_all(writers.into_iter().map(ManifestWriter::write_manifest_file))
+            .await?,
+    )
+}
+
+/// Writes the manifests and manifest list of a snapshot that applies `changes` to `base`
+/// (`md`: base's metadata with `changes.updates` applied), and returns the snapshot: a data
+/// manifest, plus a delete manifest when the table has or gets position-delete files (one
+/// of each per partition spec while files of an older spec are listed).
 async fn write_snapshot(
     file_io: &FileIO,
     base: &TableState,
+    md: &TableMetadata,
     changes: &Changes,
     written: &mut Vec<String>,
 ) -> Result<(Snapshot, SnapshotFiles)> {
-    let md = &base.metadata;
     let snapshot_id = new_snapshot_id(md);
     let seq = md.next_sequence_number();
-    let commit = Uuid::new_v4();
     let summary = summary(base, changes);
-
-    let builder = |path: &str| -> Result<ManifestWriterBuilder> {
-        Ok(ManifestWriterBuilder::new(
-            file_io.new_output(path)?,
-            Some(snapshot_id),
-            md.current_schema().clone(),
-            md.default_partition_spec().as_ref().clone(),
-        ))
-    };
-    let manifest_path = format!("{}/metadata/{commit}-m0.avro", md.location());
-    written.push(manifest_path.clone());
-    let mut manifest = builder(&manifest_path)?.build_v2_data();
-    list_files(
-        &mut manifest,
-        &base.files.data,
-        &changes.removed,
-        &changes.added,
-        snapshot_id,
-        seq,
-    )?;
-    let mut manifests = Vec::with_capacity(2);
-    if !base.files.deletes.is_empty() || !changes.added_deletes.is_empty() {
-        let path = format!("{}/metadata/{commit}-m1.avro", md.location());
-        written.push(path.clone());
-        let mut deletes = builder(&path)?.build_v2_deletes();
-        list_files(
-            &mut deletes,
-            &base.files.deletes,
-            &changes.removed_deletes,
-            &changes.added_deletes,
-            snapshot_id,
-            seq,
-        )?;
-        // The two manifests are independent files: written at once.
-        let (data, deletes) = futures::try_join!(
-            manifest.write_manifest_file(),
-            deletes.write_manifest_file()
-        )?;
-        manifests.extend([data, deletes]);
-    } else {
-        manifests.push(manifest.write_manifest_file().await?);
-    }
+    let removed: HashSet<&str> = changes
+        .removed
+        .iter()
+        .chain(&changes.removed_deletes)
+        .map(|f| f.path())
+        .collect();
+    let groups = [
+        ManifestGroup {
+            deletes: false,
+            live: &base.files.data,
+            added: &changes.added,
+        },
+        ManifestGroup {
+            deletes: true,
+            live: &base.files.deletes,
+            added: &changes.added_deletes,
+        },
+    ];
+    let manifests = write_manifests(file_io, md, groups, &removed, snapshot_id, written).await?;
 
     let list_path = format!(
-        "{}/metadata/snap-{snapshot_id}-1-{commit}.avro",
-        md.location()
+        "{}/metadata/snap-{snapshot_id}-1-{}.avro",
+        md.location(),
+        Uuid::new_v4()
     );
     written.push(list_path.clone());
     let mut list = ManifestListWriter::v2(
@@ -219,19 +269,16 @@ async fn write_snapshot(
     list.add_manifests(manifests.into_iter())?;
     list.close().await?;
 
-    let removed: HashSet<&str> = changes
-        .removed
-        .iter()
-        .chain(&changes.removed_deletes)
-        .map(|f| f.path())
-        .collect();
     let added: Vec<&DataFile> = changes.added.iter().chain(&changes.added_deletes).collect();
     let files = SnapshotFiles::after(
         &base.files,
-        snapshot_id,
-        list_path.clone(),
-        manifest_paths,
-        seq,
+        md,
+        NewSnapshot {
+            snapshot_id,
+            manifest_list: list_path.clone(),
+            manifests: manifest_paths,
+            seq,
+        },
         &removed,
         &added,
     );
@@ -260,8 +307,12 @@ pub struct Changes {
     pub compaction: bool,
     /// Snapshots to drop from the metadata in the same commit (retention).
     pub expire: Vec<i64>,
-    /// Metadata changes applied before the snapshot is added (schema or property changes).
+    /// Metadata changes applied before the snapshot is added (schema, property or partition
+    /// spec changes).
     pub updates: Vec<TableUpdate>,
+    /// The partition spec the added files were written in: the table's default spec once
+    /// `updates` are applied (None: no files added, or the default spec as it is).
+    pub added_spec: Option<i32>,
 }
 
 /// Writes the snapshot files for `changes` on top of `base` and builds the next metadata.
@@ -295,27 +346,60 @@ async fn prepare_inner(
             snapshot_id: base.metadata.current_snapshot_id(),
         },
     ];
+    let md = &base.metadata;
     if !changes.updates.is_empty() {
-        requirements.push(TableRequirement::CurrentSchemaIdMatch {
-            current_schema_id: base.metadata.current_schema_id(),
-        });
-        requirements.push(TableRequirement::LastAssignedFieldIdMatch {
-            last_assigned_field_id: base.metadata.last_column_id(),
-        });
+        requirements.extend([
+            TableRequirement::CurrentSchemaIdMatch {
+                current_schema_id: md.current_schema_id(),
+            },
+            TableRequirement::LastAssignedFieldIdMatch {
+                last_assigned_field_id: md.last_column_id(),
+            },
+            TableRequirement::DefaultSpecIdMatch {
+                default_spec_id: md.default_partition_spec_id(),
+            },
+            TableRequirement::LastAssignedPartitionIdMatch {
+                last_assigned_partition_id: md.last_partition_id(),
+            },
+        ]);
     }
-    let mut builder = base
-        .metadata
-        .as_ref()
-        .clone()
-        .into_builder(Some(base.metadata_location.clone()));
-    for update in std::mem::take(&mut changes.updates) {
-        builder = update.apply(builder)?;
-    }
+    let updates = std::mem::take(&mut changes.updates);
+    let with_updates = |mut builder: TableMetadataBuilder| -> Result<TableMetadataBuilder> {
+        for update in &updates {
+            builder = update.clone().apply(builder)?;
+        }
+        Ok(builder)
+    };
+    let mut builder = with_updates(
+        md.as_ref()
+            .clone()
+            .into_builder(Some(base.metadata_location.clone())),
+    )?;
     let mut snapshot_id = None;
     // A metadata-only change keeps the current snapshot and its files.
     let mut files = Some(base.files.clone());
     if !changes.added.is_empty() || !changes.removed.is_empty() {
-        let (snapshot, after) = write_snapshot(file_io, base, &changes, written).await?;
+        // The snapshot's manifests are written against the metadata the updates make (a new
+        // partition spec, say), which the builder does not show until it is built.
+        let updated = if updates.is_empty() {
+            Cow::Borrowed(md.as_ref())
+        } else {
+            Cow::Owned(
+                with_updates(md.as_ref().clone().into_builder(None))?
+                    .build()?
+                    .metadata,
+            )
+        };
+        if let Some(spec) = changes.added_spec
+            && spec != updated.default_partition_spec_id()
+        {
+            return Err(Error::internal(format!(
+                "files written in partition spec {spec} cannot be added to a table whose spec \
+                 is {}",
+                updated.default_partition_spec_id()
+            )));
+        }
+        let (snapshot, after) = write_snapshot(file_io, base, &updated, &changes, written).await?;
         files = (base.files.equality_deletes == 0).then(|| Arc::new(after));
         let id = snapshot.snapshot_id();
         snapshot_id = Some(id);

@@ -36,9 +36,17 @@ pub fn warm_plan(files: &DataFiles, before: &TableState, after: &TableState) -> 
     let old: HashSet<&str> = before.files.all_paths().collect();
     let live: HashSet<&str> = after.files.all_paths().collect();
     let schema_id = before.layout.schema.schema_id();
+    let (n_before, n_after) = (before.layout.buckets, after.layout.buckets);
     let hot_in_bucket = |bucket: Option<i32>| -> KeyRanges {
         let Some(b) = bucket else {
             return Vec::new();
+        };
+        // A re-bucketed table (M a multiple of N): the keys of new bucket b were in old
+        // bucket b % N. Any other change of the count leaves no old bucket to follow.
+        let b = match n_before {
+            n if n == n_after => b,
+            n if n_after.is_multiple_of(n) => b % i32::try_from(n).unwrap_or(i32::MAX),
+            _ => return Vec::new(),
         };
         let mut ranges = Vec::new();
         for f in before.files.files_for_bucket(b) {

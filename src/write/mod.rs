@@ -7,12 +7,13 @@ mod plan;
 mod stage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_array::RecordBatch;
 use iceberg::io::FileIO;
-use iceberg::spec::{DataFile, DataFileFormat, Literal, PartitionKey, Struct};
+use iceberg::spec::{DataFile, DataFileFormat, Literal, PartitionKey, PartitionSpec, Struct};
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::ParquetWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{
@@ -143,6 +144,7 @@ impl BucketRewrite {
         BucketChange {
             bucket,
             base: bucket_base(state, bucket),
+            spec_id: state.metadata.default_partition_spec_id(),
             added: self.added,
             removed: paths(self.removed),
             added_deletes: self.added_deletes,
@@ -178,9 +180,23 @@ impl Placement {
     }
 }
 
+/// Writes `batch` as the data file(s) of `bucket` in the table's current partition spec.
 async fn write_bucket(
     io: &StoreIo,
     state: &TableState,
+    bucket: i32,
+    batch: RecordBatch,
+    prefix: String,
+) -> Result<Vec<DataFile>> {
+    let spec = state.metadata.default_partition_spec().as_ref().clone();
+    write_bucket_in(io, state, &spec, bucket, batch, prefix).await
+}
+
+/// Writes `batch` as the data file(s) of `bucket` of partition spec `spec`.
+async fn write_bucket_in(
+    io: &StoreIo,
+    state: &TableState,
+    spec: &PartitionSpec,
     bucket: i32,
     batch: RecordBatch,
     prefix: String,
@@ -194,7 +210,7 @@ async fn write_bucket(
         DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet),
     );
     let key = PartitionKey::new(
-        md.default_partition_spec().as_ref().clone(),
+        spec.clone(),
         state.layout.schema.clone(),
         Struct::from_iter([Some(Literal::int(bucket))]),
     );
@@ -403,6 +419,48 @@ async fn fold_runs(
     ))
 }
 
+/// A bucket as `state` holds it: its data files, its delete files and their deletes.
+struct BucketFiles {
+    files: Vec<Arc<LiveFile>>,
+    delete_files: Vec<Arc<LiveFile>>,
+    deletes: BucketDeletes,
+}
+
+async fn bucket_files(io: &StoreIo, state: &TableState, bucket: i32) -> Result<BucketFiles> {
+    let files = state.files.files_for_bucket(bucket).cloned().collect();
+    let delete_files: Vec<Arc<LiveFile>> =
+        state.files.deletes_for_bucket(bucket).cloned().collect();
+    let deletes = io
+        .cache
+        .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
+        .await?;
+    Ok(BucketFiles {
+        files,
+        delete_files,
+        deletes,
+    })
+}
+
+/// The rows `files` hold, `deletes` applied, in the table's schema (None without files).
+async fn stored_rows(
+    io: &StoreIo,
+    state: &TableState,
+    files: &[Arc<LiveFile>],
+    deletes: &BucketDeletes,
+) -> Result<Option<RecordBatch>> {
+    let layout = &state.layout;
+    let mut parts = Vec::with_capacity(files.len());
+    for f in files {
+        let batch = load_whole_file(&io.file_io, f.path(), layout, &io.stats.data).await?;
+        parts.push(deletes.apply(f, &batch)?);
+    }
+    Ok(match parts.len() {
+        0 => None,
+        1 => parts.pop(),
+        _ => Some(arrow_select::concat::concat_batches(&layout.arrow, &parts)?),
+    })
+}
+
 async fn rewrite_bucket(
     io: StoreIo,
     state: Arc<TableState>,
@@ -427,13 +485,11 @@ async fn rewrite_bucket_files(
     force: bool,
 ) -> Result<BucketRewrite> {
     let layout = &state.layout;
-    let files: Vec<Arc<LiveFile>> = state.files.files_for_bucket(bucket).cloned().collect();
-    let delete_files: Vec<Arc<LiveFile>> =
-        state.files.deletes_for_bucket(bucket).cloned().collect();
-    let deletes = io
-        .cache
-        .bucket_deletes(&io.file_io, delete_files.iter(), &io.stats.data)
-        .await?;
+    let BucketFiles {
+        files,
+        delete_files,
+        deletes,
+    } = bucket_files(&io, &state, bucket).await?;
     let prefix = format!("{attempt_id}-b{bucket}");
     let mode = if force || !io.policy.may_merge_on_read(files.len()) {
         BucketMode::CopyOnWrite
@@ -463,16 +519,7 @@ async fn rewrite_bucket_files(
     // Copy-on-write (also the automatic compaction of a bucket past the merge-on-read
     // limits): the live rows, deletes applied, merged and written as one sorted file that
     // replaces the bucket's data files and drops its delete files.
-    let mut parts = Vec::with_capacity(files.len());
-    for f in &files {
-        let batch = load_whole_file(&io.file_io, f.path(), layout, &io.stats.data).await?;
-        parts.push(deletes.apply(f, &batch)?);
-    }
-    let existing = match parts.len() {
-        0 => None,
-        1 => parts.pop(),
-        _ => Some(arrow_select::concat::concat_batches(&layout.arrow, &parts)?),
-    };
+    let existing = stored_rows(&io, state.as_ref(), &files, &deletes).await?;
     let layout = state.layout.clone();
     let (merged, stats) = crate::runtime::cpu(move || {
         merge_bucket(existing.as_ref(), &incoming, &rows, &layout, force)
@@ -494,8 +541,22 @@ async fn rewrite_bucket_files(
     })
 }
 
+/// Fails on tables this store cannot write: files not in its bucket spec (written by another
+/// tool, or left in an older spec), equality deletes.
+fn check_plannable(state: &TableState) -> Result<()> {
+    if state.files.unbucketed_count() > 0 {
+        return Err(Error::table_state(
+            &state.id,
+            "it holds files not partitioned by bucket(entity_key) in its current spec \
+             (written by another tool); migrate it before writing",
+        ));
+    }
+    state.files.check_deletes_supported(&state.id)
+}
+
 /// Rewrites `groups` (bucket -> rows of `incoming`) on `state` in parallel, one task per
-/// bucket. On an error, the files of every bucket already written are deleted.
+/// bucket (a compaction's tasks a core's worth at a time: each holds a whole bucket). On an
+/// error, the files of every bucket already written are deleted.
 async fn plan_buckets(
     io: &StoreIo,
     state: &Arc<TableState>,
@@ -503,35 +564,50 @@ async fn plan_buckets(
     groups: impl Iterator<Item = (i32, Vec<usize>)>,
     compaction: bool,
 ) -> Result<Vec<BucketChange>> {
-    if state.files.unbucketed_count() > 0 {
-        return Err(Error::table_state(
-            &state.id,
-            "it holds files not partitioned by bucket(entity_key) (written by another tool); \
-             migrate it before writing",
-        ));
-    }
-    state.files.check_deletes_supported(&state.id)?;
+    check_plannable(state)?;
     let attempt_id = Uuid::new_v4();
-    let tasks: Vec<_> = groups
-        .map(|(bucket, rows)| {
-            tokio::spawn(rewrite_bucket(
-                io.clone(),
-                state.clone(),
-                incoming.clone(),
-                bucket,
-                rows,
-                attempt_id,
-                compaction,
-            ))
-        })
-        .collect();
-    let mut changes = Vec::with_capacity(tasks.len());
+    let tasks = groups.map(|(bucket, rows)| {
+        rewrite_bucket(
+            io.clone(),
+            state.clone(),
+            incoming.clone(),
+            bucket,
+            rows,
+            attempt_id,
+            compaction,
+        )
+    });
+    let limit = if compaction {
+        crate::runtime::cores()
+    } else {
+        usize::MAX
+    };
+    run_bucket_tasks(io, state, tasks, limit).await
+}
+
+/// Runs bucket tasks, at most `limit` at once. On an error no further task starts, and once
+/// the running ones are done, the files of every bucket written are deleted.
+async fn run_bucket_tasks<F>(
+    io: &StoreIo,
+    state: &TableState,
+    mut tasks: impl Iterator<Item = F>,
+    limit: usize,
+) -> Result<Vec<BucketChange>>
+where
+    F: Future<Output = Result<BucketChange>> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let mut changes = Vec::new();
     let mut first_error = None;
-    for t in tasks {
-        match t
-            .await
-            .map_err(|e| Error::internal(format!("bucket task failed: {e}")))
-        {
+    loop {
+        while first_error.is_none() && running.len() < limit {
+            let Some(task) = tasks.next() else { break };
+            running.spawn(task);
+        }
+        let Some(done) = running.join_next().await else {
+            break;
+        };
+        match done.map_err(|e| Error::internal(format!("bucket task failed: {e}"))) {
             Ok(Ok(change)) => changes.push(change),
             Ok(Err(e)) | Err(e) => {
                 first_error.get_or_insert(e);
@@ -549,11 +625,18 @@ async fn plan_buckets(
     Ok(changes)
 }
 
-/// The incoming rows of one write, converted for a schema.
+/// The incoming rows of one write, converted for a schema and grouped by bucket.
 struct Converted {
-    schema_id: i32,
+    /// The schema and partition spec of the table they were converted and grouped for.
+    shape: (i32, i32),
     incoming: Arc<RecordBatch>,
     groups: BTreeMap<i32, Vec<usize>>,
+}
+
+/// What converting and grouping rows depend on: the schema and the partition spec.
+fn shape(state: &TableState) -> (i32, i32) {
+    let md = &state.metadata;
+    (md.current_schema_id(), md.default_partition_spec_id())
 }
 
 /// Where a write's rows come from.
@@ -572,14 +655,13 @@ struct RowsPlanner {
 }
 
 impl RowsPlanner {
-    /// The rows converted for `state`'s schema: converting is the costly part of planning, so
-    /// it is redone only when the schema moved.
+    /// The rows converted for `state`'s schema and grouped by its buckets: converting is the
+    /// costly part of planning, so it is redone only when the schema or partitioning moved.
     fn converted(&mut self, state: &TableState) -> Result<&Converted> {
-        let schema_id = state.layout.schema.schema_id();
         if self
             .converted
             .as_ref()
-            .is_none_or(|c| c.schema_id != schema_id)
+            .is_none_or(|c| c.shape != shape(state))
         {
             let incoming = match &self.rows {
                 Rows::Batch(batch) if batch.schema() == state.layout.arrow => batch.clone(),
@@ -598,7 +680,7 @@ impl RowsPlanner {
                 _ => winners_by_bucket(&incoming, &state.layout)?,
             };
             self.converted = Some(Converted {
-                schema_id,
+                shape: shape(state),
                 incoming,
                 groups,
             });
@@ -616,7 +698,11 @@ impl Planner for RowsPlanner {
         state: &Arc<TableState>,
         again: Option<&[BucketChange]>,
     ) -> Result<Vec<BucketChange>> {
-        let buckets: Option<BTreeSet<i32>> = again.map(|a| a.iter().map(|c| c.bucket).collect());
+        // Changes of another spec name buckets of another numbering: all is planned again.
+        let spec = state.metadata.default_partition_spec_id();
+        let buckets: Option<BTreeSet<i32>> = again
+            .filter(|a| a.iter().all(|c| c.spec_id == spec))
+            .map(|a| a.iter().map(|c| c.bucket).collect());
         let buckets = buckets.as_ref();
         let compaction = match self.rows {
             Rows::Compaction { all } => Some(all),

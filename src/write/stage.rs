@@ -116,6 +116,7 @@ impl Token {
                 Ok(BucketChange {
                     bucket: b.bucket,
                     base: b.base.iter().cloned().collect(),
+                    spec_id: self.spec_id,
                     added: decode(&b.added)?,
                     removed: b.removed.clone(),
                     added_deletes: decode(&b.added_deletes)?,
@@ -256,14 +257,12 @@ impl StagedPlanner {
         })
     }
 
-    /// Merges the staged rows of `previous` (changes of one bucket) into the bucket as `state`
-    /// holds it.
-    async fn merge_again(
+    /// The rows `previous` staged (the files they add), in `state`'s schema.
+    async fn staged_rows(
         &self,
-        state: &Arc<TableState>,
-        bucket: i32,
+        state: &TableState,
         previous: &[&BucketChange],
-    ) -> Result<BucketChange> {
+    ) -> Result<RecordBatch> {
         let layout = &state.layout;
         let mut parts = Vec::new();
         for file in previous.iter().flat_map(|c| &c.added) {
@@ -277,7 +276,18 @@ impl StagedPlanner {
                 .await?,
             );
         }
-        let rows = arrow_select::concat::concat_batches(&layout.arrow, &parts)?;
+        Ok(arrow_select::concat::concat_batches(&layout.arrow, &parts)?)
+    }
+
+    /// Merges the staged rows of `previous` (changes of one bucket) into the bucket as `state`
+    /// holds it.
+    async fn merge_again(
+        &self,
+        state: &Arc<TableState>,
+        bucket: i32,
+        previous: &[&BucketChange],
+    ) -> Result<BucketChange> {
+        let rows = self.staged_rows(state, previous).await?;
         let all: Vec<usize> = (0..rows.num_rows()).collect();
         rewrite_bucket(
             self.io.clone(),
@@ -290,6 +300,19 @@ impl StagedPlanner {
         )
         .await
     }
+
+    /// Merges the staged rows of `previous`, staged against another partition spec (the table
+    /// was re-bucketed while the job ran), into `state`'s buckets: each row goes to its bucket
+    /// under the current spec, as in any write.
+    async fn regroup(
+        &self,
+        state: &Arc<TableState>,
+        previous: &[&BucketChange],
+    ) -> Result<Vec<BucketChange>> {
+        let rows = self.staged_rows(state, previous).await?;
+        let groups = winners_by_bucket(&rows, &state.layout)?;
+        plan_buckets(&self.io, state, &Arc::new(rows), groups.into_iter(), false).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -299,7 +322,12 @@ impl Planner for StagedPlanner {
         state: &Arc<TableState>,
         again: Option<&[BucketChange]>,
     ) -> Result<Vec<BucketChange>> {
+        let spec = state.metadata.default_partition_spec_id();
         if let Some(previous) = again {
+            if previous.iter().any(|c| c.spec_id != spec) {
+                let all: Vec<&BucketChange> = previous.iter().collect();
+                return self.regroup(state, &all).await;
+            }
             let mut out = Vec::with_capacity(previous.len());
             for c in previous {
                 out.push(self.merge_again(state, c.bucket, &[c]).await?);
@@ -317,6 +345,12 @@ impl Planner for StagedPlanner {
             for c in t.changes(state)? {
                 by_bucket.entry(c.bucket).or_default().push(c);
             }
+        }
+        if self.tokens.iter().any(|t| t.spec_id != spec) {
+            // Bucket numbers of another spec name other keys: every staged row is placed
+            // again. The staged files are then the job's leftovers (`discard` deletes them).
+            let all: Vec<&BucketChange> = by_bucket.values().flatten().collect();
+            return self.regroup(state, &all).await;
         }
         let mut out = Vec::with_capacity(by_bucket.len());
         for (bucket, mut changes) in by_bucket {
@@ -337,10 +371,12 @@ impl Planner for StagedPlanner {
         Ok(out)
     }
 
-    fn rebases_onto(&self, _planned_on: &TableState, state: &TableState) -> bool {
+    fn rebases_onto(&self, planned_on: &TableState, state: &TableState) -> bool {
+        let md = &state.metadata;
         self.tokens
             .iter()
-            .all(|t| t.schema_id == state.metadata.current_schema_id())
+            .all(|t| t.schema_id == md.current_schema_id())
+            && planned_on.metadata.default_partition_spec_id() == md.default_partition_spec_id()
     }
 }
 
