@@ -54,6 +54,10 @@ pub struct StoreConfig {
     /// before it fails with a catalog error.
     #[serde(default = "default_catalog_acquire_timeout")]
     pub catalog_acquire_timeout_seconds: f64,
+    /// Compaction re-buckets the table (more buckets, each bucket split evenly) once its
+    /// largest bucket holds more live bytes than this; 0: only when asked for.
+    #[serde(default = "default_target_bucket_bytes")]
+    pub target_bucket_bytes: u64,
 }
 
 fn default_read_cache_bytes() -> usize {
@@ -74,6 +78,10 @@ fn default_mor_max_delete_ratio() -> f64 {
 
 fn default_catalog_acquire_timeout() -> f64 {
     10.0
+}
+
+fn default_target_bucket_bytes() -> u64 {
+    128 << 20
 }
 
 /// Seconds a `Duration` can hold without `Duration::from_secs_f64` panicking, with margin;

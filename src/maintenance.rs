@@ -23,7 +23,9 @@ use crate::read::{BucketDeletes, keys_of_column};
 use crate::schema::ENTITY_KEY;
 use crate::store::Store;
 use crate::table::LiveFile;
-use crate::write::{WriteReport, compact, compaction_buckets};
+use crate::write::{
+    WriteReport, bucket_target, compact, compaction_buckets, largest_bucket_bytes, rebucket,
+};
 
 /// Snapshot ids that branches or tags other than main point at. iceberg-rust keeps `refs`
 /// crate-private, so they are read from the metadata's JSON form.
@@ -236,26 +238,66 @@ impl Store {
     }
 
     /// Rewrites buckets with several data files (or every bucket with `all`) into one sorted
-    /// file each. A dry run reports what would be rewritten.
-    pub async fn compact(&self, table: &str, all: bool, dry_run: bool) -> Result<WriteReport> {
-        if !dry_run {
-            return compact(self, table, all).await;
-        }
+    /// file each; or, when the largest bucket outgrew `target_bucket_bytes` or `buckets` asks
+    /// for more, re-buckets the table (every bucket split, every file rewritten). A dry run
+    /// reports what would be rewritten.
+    pub async fn compact(
+        &self,
+        table: &str,
+        all: bool,
+        dry_run: bool,
+        buckets: Option<u32>,
+    ) -> Result<CompactReport> {
         let id = self.table_id(table)?;
         let state = self.current(&id, Duration::ZERO).await?;
-        let buckets = compaction_buckets(&state, all);
-        let files = state
-            .files
-            .buckets()
-            .filter(|(b, _)| buckets.contains(b))
-            .map(|(_, f)| f.len())
-            .sum();
-        Ok(WriteReport {
-            buckets: buckets.len(),
-            files_removed: files,
-            ..WriteReport::default()
+        let before = state.layout.buckets;
+        let target = bucket_target(&state, self.config.target_bucket_bytes, buckets)?;
+        let rebucket_to = (target != before).then_some(target);
+        let write = if !dry_run {
+            match rebucket_to {
+                Some(m) => rebucket(self, table, m).await?,
+                None => compact(self, table, all).await?,
+            }
+        } else {
+            let rewritten = match rebucket_to {
+                Some(_) => state.files.buckets().map(|(b, _)| b).collect(),
+                None => compaction_buckets(&state, all),
+            };
+            let files = state
+                .files
+                .buckets()
+                .filter(|(b, _)| rewritten.contains(b))
+                .map(|(_, f)| f.len())
+                .sum();
+            WriteReport {
+                buckets: rewritten.len(),
+                files_removed: files,
+                ..WriteReport::default()
+            }
+        };
+        let after = if dry_run {
+            target
+        } else {
+            self.current(&id, Duration::MAX).await?.layout.buckets
+        };
+        Ok(CompactReport {
+            write,
+            buckets_before: before,
+            buckets_after: after,
+            largest_bucket_bytes: largest_bucket_bytes(&state),
         })
     }
+}
+
+/// What `compact` did (or, on a dry run, would do).
+#[derive(Debug, Default, Clone)]
+pub struct CompactReport {
+    pub write: WriteReport,
+    /// The table's bucket count before and after (different when it was re-bucketed).
+    pub buckets_before: u32,
+    pub buckets_after: u32,
+    /// Live bytes of the largest bucket before.
+    pub largest_bucket_bytes: u64,
 }
 
 #[cfg(test)]

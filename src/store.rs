@@ -56,6 +56,10 @@ pub struct TableStats {
     pub records: u64,
     pub position_deletes: u64,
     pub data_bytes: u64,
+    /// The N of `bucket[N](entity_key)`, and the live bytes of the largest bucket (what
+    /// compaction's re-bucketing rule looks at).
+    pub buckets: u32,
+    pub largest_bucket_bytes: u64,
     pub metadata_location: String,
     pub metadata_log: usize,
 }
@@ -893,6 +897,8 @@ impl Store {
                 .saturating_sub(state.files.total_position_deletes()),
             position_deletes: state.files.total_position_deletes(),
             data_bytes: state.files.total_bytes(),
+            buckets: state.layout.buckets,
+            largest_bucket_bytes: write::largest_bucket_bytes(&state),
             metadata_location: state.metadata_location.clone(),
             metadata_log: state.metadata.metadata_log().len(),
         })

@@ -127,7 +127,7 @@ def test_reports_have_exactly_the_keys_of_their_typed_dicts(env: Env) -> None:
     env.write(view, [driver_row(i, 1) for i in range(5)])
     keys = lambda d: set(d)  # noqa: E731
     got = store.compact(name, all=True)
-    assert keys(got) == set(reports.WriteReport.__required_keys__)
+    assert keys(got) == set(reports.CompactReport.__required_keys__)
     assert keys(store.stats(name)) == set(reports.TableStats.__required_keys__)
     assert keys(store.io_stats()) == set(reports.IoStats.__required_keys__)
     assert keys(store.expire(name)) == set(reports.ExpireReport.__required_keys__)

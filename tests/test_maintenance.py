@@ -161,6 +161,23 @@ def test_compact_rewrites_every_bucket_keeping_the_newest_rows(repo: Repo) -> No
     assert again["buckets"] == 0
 
 
+def test_compact_buckets_rebuckets_and_dry_run_says_so(repo: Repo) -> None:
+    keys = list(range(3000))
+    repo.write([driver_row(i, 1) for i in keys])
+    (plan,) = repo.run("compact", "--buckets", "32", "--dry-run", "--json")
+    assert (plan["buckets_before"], plan["buckets_after"], plan["buckets"]) == (16, 32, 16)
+    assert "buckets_after" in repo.run("compact", "--buckets", "32", "--dry-run")
+    (stats,) = repo.run("stats", "--json")
+    assert stats["buckets"] == 16
+    (done,) = repo.run("compact", "--buckets", "32", "--json")
+    assert (done["buckets_after"], done["files_added"]) == (32, 32)
+    (stats,) = repo.run("stats", "--json")
+    assert (stats["buckets"], stats["data_files"], stats["rows"]) == (32, 32, 3000)
+    assert repo.trips(keys) == [expected_values(i, 1)["trips"] for i in keys]
+    bad = CliRunner().invoke(cli, ["-c", str(repo.path), "compact", "--buckets", "48"])
+    assert bad.exit_code != 0 and "multiple of 32" in str(bad.exception)
+
+
 WRITER = textwrap.dedent(
     """
     import sys

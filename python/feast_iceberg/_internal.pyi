@@ -9,6 +9,7 @@ from typing_extensions import Self
 
 from feast_iceberg.reports import (
     ArrowWriteReport,
+    CompactReport,
     ExpireReport,
     IoStats,
     MetricsSnapshot,
@@ -180,9 +181,14 @@ class Store:
         """Rows, files, bytes and snapshots of the current table state. `records` counts live
         rows (rows of data files minus `position_deletes`)."""
 
-    def compact(self, table: str, all: bool = False, dry_run: bool = False) -> WriteReport:
+    def compact(
+        self, table: str, all: bool = False, dry_run: bool = False, buckets: int | None = None
+    ) -> CompactReport:
         """Rewrite buckets with several data files (every bucket with `all`) into one sorted
-        file each, newest row per key, in one `replace` snapshot. Same report as `write`."""
+        file each, newest row per key, in one `replace` snapshot. When `buckets` (a multiple
+        of the table's count) asks for more buckets, or the largest bucket holds more than
+        `target_bucket_bytes` live bytes, re-bucket instead: a new `bucket[M](entity_key)`
+        partition spec and every file rewritten into it, in the same snapshot."""
 
     def remove_orphans(
         self, table: str, older_than_seconds: float, dry_run: bool = False

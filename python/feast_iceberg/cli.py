@@ -135,6 +135,8 @@ def stats(ctx: click.Context, views: tuple[str, ...], as_json: bool) -> None:
             "data_files": s["data_files"],
             "delete_files": s["delete_files"],
             "bytes": s["data_bytes"],
+            "buckets": s["buckets"],
+            "largest_bucket_bytes": s["largest_bucket_bytes"],
             "snapshots": s["snapshots"],
             "metadata_files": s["metadata_log"] + 1,
             "duplicate_keys": store.duplicate_keys(table),
@@ -143,7 +145,7 @@ def stats(ctx: click.Context, views: tuple[str, ...], as_json: bool) -> None:
 
     rows = _each_table(ctx, views, "reading tables", one)
     columns = ["feature_view", "identifier", "rows", "data_files", "delete_files", "bytes",
-               "snapshots", "metadata_files", "duplicate_keys"]  # fmt: skip
+               "buckets", "snapshots", "metadata_files", "duplicate_keys"]  # fmt: skip
     _emit(rows, as_json, columns)
     if rows and not as_json:
         click.echo(f"catalog name: {rows[0]['catalog']} (readers must use the same name)")
@@ -201,18 +203,38 @@ def remove_orphans(
     is_flag=True,
     help="Rewrite every bucket, not only those with several files.",
 )
+@click.option(
+    "--buckets",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Re-bucket into this many buckets (a multiple of the current count), whatever the "
+    "size of the buckets.",
+)
 @DRY_RUN
 @JSON
 @click.pass_context
 def compact(
-    ctx: click.Context, views: tuple[str, ...], all_buckets: bool, dry_run: bool, as_json: bool
+    ctx: click.Context,
+    views: tuple[str, ...],
+    all_buckets: bool,
+    buckets: int | None,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
-    """Rewrite buckets with several data files into one sorted file each (newest row per key)."""
+    """Rewrite buckets with several data files into one sorted file each (newest row per key).
+
+    A table whose largest bucket holds more than `target_bucket_bytes` live bytes (or
+    `--buckets N`) is re-bucketed instead: its bucket count doubles until the largest bucket
+    fits, and every file is rewritten into the new partition spec.
+    """
     rows = _each_table(
         ctx, views, "compacting",
-        lambda _v, table, store, _c: store.compact(table, all=all_buckets, dry_run=dry_run),
+        lambda _v, table, store, _c: store.compact(
+            table, all=all_buckets, dry_run=dry_run, buckets=buckets
+        ),
     )  # fmt: skip
-    _emit(rows, as_json, ["feature_view", "table", "buckets", "files_removed", "files_added"])
+    _emit(rows, as_json, ["feature_view", "table", "buckets_before", "buckets_after", "buckets",
+                          "files_removed", "files_added"])  # fmt: skip
 
 
 @cli.command()

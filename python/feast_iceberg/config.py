@@ -101,6 +101,11 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
     """Automatic compaction: a bucket in which more than this fraction of the stored rows would
     be deleted rows is rewritten copy-on-write (one file, its delete files dropped)."""
 
+    target_bucket_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
+    """`feast-iceberg compact` re-buckets a table whose largest bucket holds more live bytes
+    than this: the bucket count doubles until it fits, every file is rewritten into the new
+    `bucket[N](entity_key)` spec. 0: only `compact --buckets N` re-buckets."""
+
     catalog_acquire_timeout_seconds: float = Field(default=10.0, gt=0, le=1e12)
     """SQL catalogs (SQLite, PostgreSQL): how long an operation waits for a connection of the
     catalog's pool, opening one included, before it fails with `CatalogError`. Raise it when
@@ -162,6 +167,7 @@ class IcebergOnlineStoreConfig(FeastConfigBaseModel):
                 "merge_on_read_max_files": self.merge_on_read_max_files,
                 "merge_on_read_max_delete_ratio": self.merge_on_read_max_delete_ratio,
                 "catalog_acquire_timeout_seconds": self.catalog_acquire_timeout_seconds,
+                "target_bucket_bytes": self.target_bucket_bytes,
                 "entity_key_serialization_version": entity_key_serialization_version,
             }
         )

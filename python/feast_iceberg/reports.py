@@ -49,6 +49,19 @@ class WriteReport(TypedDict):
     snapshot_id: int | None
 
 
+class CompactReport(WriteReport):
+    """`compact`: the write report of its `replace` snapshot (on a dry run: the buckets and
+    files it would rewrite), and the table's bucket count before and after."""
+
+    # Different when the table was (would be) re-bucketed: every bucket split, every file
+    # rewritten into the new `bucket[N](entity_key)` spec.
+    buckets_before: int
+    buckets_after: int
+    # Live bytes of the largest bucket before (what the re-bucketing rule compares with
+    # `target_bucket_bytes`).
+    largest_bucket_bytes: int
+
+
 class ArrowWriteReport(WriteReport):
     """`write_arrow`: the write reports of its chunks summed (`snapshot_id` is the last
     chunk's), plus what was read."""
@@ -83,6 +96,9 @@ class TableStats(TypedDict):
     records: int
     position_deletes: int
     data_bytes: int
+    # The N of `bucket[N](entity_key)`, and the live bytes of the largest bucket.
+    buckets: int
+    largest_bucket_bytes: int
     metadata_location: str
     metadata_log: int
 

@@ -180,17 +180,23 @@ impl PyStore {
     }
 
     /// Rewrites buckets with several files (every bucket with `all`) into one sorted file
-    /// each, newest row per key, in one `replace` snapshot.
-    #[pyo3(signature = (table, all=false, dry_run=false))]
+    /// each, newest row per key, in one `replace` snapshot; re-buckets the table instead
+    /// (`buckets`, or its largest bucket past `target_bucket_bytes`).
+    #[pyo3(signature = (table, all=false, dry_run=false, buckets=None))]
     fn compact<'py>(
         &self,
         py: Python<'py>,
         table: String,
         all: bool,
         dry_run: bool,
+        buckets: Option<u32>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let report = run(py, self.core()?.compact(&table, all, dry_run))?;
-        write_report(py, &report)
+        let report = run(py, self.core()?.compact(&table, all, dry_run, buckets))?;
+        let d = write_report(py, &report.write)?;
+        d.set_item("buckets_before", report.buckets_before)?;
+        d.set_item("buckets_after", report.buckets_after)?;
+        d.set_item("largest_bucket_bytes", report.largest_bucket_bytes)?;
+        Ok(d)
     }
 
     /// Deletes unreferenced files older than `older_than_seconds` under the table.
@@ -318,6 +324,8 @@ impl PyStore {
         d.set_item("records", s.records)?;
         d.set_item("position_deletes", s.position_deletes)?;
         d.set_item("data_bytes", s.data_bytes)?;
+        d.set_item("buckets", s.buckets)?;
+        d.set_item("largest_bucket_bytes", s.largest_bucket_bytes)?;
         d.set_item("metadata_location", s.metadata_location)?;
         d.set_item("metadata_log", s.metadata_log)?;
         Ok(d)

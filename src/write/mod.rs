@@ -4,6 +4,7 @@
 mod deletes;
 mod group;
 mod plan;
+mod rebucket;
 mod stage;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -29,6 +30,7 @@ use uuid::Uuid;
 pub use deletes::{BucketMode, BucketShape, MorPlan, MorPolicy, StoredRow, plan_merge_on_read};
 pub use group::Groups;
 pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
+pub use rebucket::{bucket_target, grown_buckets, largest_bucket_bytes, rebucket};
 pub use stage::{Token, discard, stage_batch};
 
 use crate::commit::{self, BucketChange, Committed, Planner, bucket_base, delete_quietly};
