@@ -518,16 +518,15 @@ pub async fn commit_buckets(
                 }
             }
         }
-        let nothing = |planned: BTreeMap<i32, BucketChange>, replanned, rebases, timings| {
-            Committed {
+        let nothing =
+            |planned: BTreeMap<i32, BucketChange>, replanned, rebases, timings| Committed {
                 snapshot_id: None,
                 attempts: attempt,
                 changes: planned.into_values().collect(),
                 replanned,
                 rebases,
                 timings,
-            }
-        };
+            };
         if !planned.values().any(BucketChange::changes_files) {
             return Ok(nothing(planned, replanned, rebases, t));
         }

@@ -12,6 +12,7 @@ mod cache;
 mod deletes;
 mod files;
 mod index;
+mod plain;
 mod response;
 mod warm;
 
@@ -35,7 +36,6 @@ pub use index::FileIndex;
 pub use response::{Wanted, push_feature_vectors, push_response_head};
 pub use warm::{WarmPlan, warm, warm_plan};
 
-use crate::convert::write_cell_value;
 use crate::error::{Error, Result};
 use crate::proto;
 use crate::schema::{Column, Layout};
@@ -162,12 +162,12 @@ pub async fn find_rows(
                 .map(move |f| (r, f))
         })
         .collect();
+    let requests: Vec<(&LiveFile, &[&[u8]])> = lookups
+        .iter()
+        .map(|(r, f)| (f.as_ref(), runs[*r].keys.as_slice()))
+        .collect();
     let (found, deletes) = futures::future::try_join(
-        futures::future::try_join_all(
-            lookups
-                .iter()
-                .map(|(r, f)| files.find(file_io, f, &runs[*r].keys, layout, io, Fill::Cache)),
-        ),
+        files.find_in(file_io, &requests, layout, io, Fill::Cache),
         futures::future::try_join_all(runs.iter().map(|run| {
             files.bucket_deletes(
                 file_io,
@@ -221,7 +221,7 @@ pub fn encode_rows(
         out.event_ts.push(Some(hit.version.0));
         let mut encoded = Vec::with_capacity(16 * columns.len());
         for c in &columns {
-            write_cell_value(&mut cell, c.kind, hit.block.batch.column(c.index), hit.row);
+            hit.block.write_value(&mut cell, c, hit.row);
             proto::push_repeated_value_item(&mut encoded, &cell);
         }
         out.rows.push(Some(encoded));

@@ -4,7 +4,6 @@
 //! 100 keys is what Python's garbage collector kept pausing reads for.
 
 use super::Hit;
-use crate::convert::write_cell_value;
 use crate::proto::{push_len_field, push_varint_field};
 use crate::schema::Layout;
 
@@ -106,7 +105,7 @@ pub fn push_feature_vectors<'a>(
             let found = match (hit, w) {
                 (None, _) => false,
                 (Some(hit), Wanted::Feature(_)) => column.is_some_and(|c| {
-                    write_cell_value(&mut cell, c.kind, hit.block.batch.column(c.index), hit.row);
+                    hit.block.write_value(&mut cell, c, hit.row);
                     true
                 }),
                 (Some(_), Wanted::JoinKey(name)) => key_value(name, row).is_some_and(|v| {
