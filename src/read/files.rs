@@ -402,7 +402,8 @@ impl DataFiles {
         let reader = CountingReader::open(file_io, file.path(), io, fill == Fill::Prefetch).await?;
         let size = file.entry.file_size_in_bytes();
         let rows = file.entry.record_count();
-        let index = Arc::new(FileIndex::load(reader, file.path(), size, rows).await?);
+        let background = fill != Fill::Cache;
+        let index = Arc::new(FileIndex::load(reader, file.path(), size, rows, background).await?);
         Ok(lock(&self.indexes)
             .entry(index.path.clone())
             .or_insert(index)
@@ -520,7 +521,7 @@ impl DataFiles {
                 })
             })
             .collect();
-        for (file, rg, block) in decode_all(jobs, layout, versions_only).await? {
+        for (file, rg, block) in decode_all(jobs, layout, fill).await? {
             let index = &wanted[file].0;
             let block = self
                 .blocks
@@ -742,14 +743,17 @@ impl DecodeJob {
 /// Row groups a request decodes on its own thread rather than handing them to another.
 const DECODE_INLINE: usize = 4;
 
-/// Decodes `jobs`: up to `DECODE_INLINE` on this thread, more in one blocking task per core
-/// (decoding is CPU work; the async workers drive every read's I/O).
+/// Decodes `jobs` in at most one task per core: those of a request on the blocking pool, up
+/// to `DECODE_INLINE` of them right here; background preparation (`Fill::Prefetch`) and a
+/// write's lookups (`Fill::Versions`) on the low-priority threads, so that they yield the
+/// cores to requests.
 async fn decode_all(
     jobs: Vec<DecodeJob>,
     layout: &Arc<Layout>,
-    versions_only: bool,
+    fill: Fill,
 ) -> Result<Vec<(usize, usize, Block)>> {
-    if jobs.len() <= DECODE_INLINE {
+    let versions_only = fill == Fill::Versions;
+    if fill == Fill::Cache && jobs.len() <= DECODE_INLINE {
         return jobs
             .into_iter()
             .map(|j| j.run(layout, versions_only))
@@ -762,12 +766,18 @@ async fn decode_all(
     while jobs.peek().is_some() {
         let chunk: Vec<DecodeJob> = jobs.by_ref().take(per_task).collect();
         let layout = layout.clone();
-        tasks.push(runtime::blocking(move || {
+        let decode = move || {
             chunk
                 .into_iter()
                 .map(|j| j.run(&layout, versions_only))
                 .collect::<Result<Vec<_>>>()
-        }));
+        };
+        tasks.push(async move {
+            match fill {
+                Fill::Cache => runtime::blocking(decode).await,
+                Fill::Prefetch | Fill::Versions => runtime::background_blocking(decode).await,
+            }
+        });
     }
     let done = futures::future::try_join_all(tasks).await?;
     Ok(done

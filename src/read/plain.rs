@@ -328,8 +328,19 @@ fn decode_chunk(
         None,
         reader_properties(),
     )?;
-    let mut values = Vec::new();
-    let mut starts = Vec::new();
+    // Sized once, so that the cache's weight of a block is what it holds (a doubling Vec
+    // could hold twice its length). The chunk's uncompressed size bounds its values.
+    let capacity = usize::try_from(chunk.uncompressed_size()).unwrap_or(0);
+    let mut values = Vec::with_capacity(if physical == Physical::BOOLEAN {
+        rows
+    } else {
+        capacity
+    });
+    let mut starts = Vec::with_capacity(if physical == Physical::BYTE_ARRAY {
+        rows
+    } else {
+        0
+    });
     let mut slots = optional.then(|| Vec::with_capacity(rows));
     let (mut levels_read, mut next) = (0usize, 0u32);
     while let Some(page) = pages.get_next_page()? {
