@@ -5,10 +5,11 @@ Feast's sqlite store and feast-iceberg in one run.
     python3 bench/views.py            # 10k entities, up to 2000 calls (10 s) per cell
     python3 bench/views.py --quick    # 2k entities, up to 400 calls (2 s) per cell
 
-feast-iceberg runs twice: through its one-call read (`read_views`), and with that switched off,
-through Feast's per-view path (one `online_read` per view, the response built in Python), which
-is what it did before. Targets (issue 14): 5-view p99 <= 1.5x the 1-view p99, and 100 keys over
-5 views p99 <= 5 ms.
+feast-iceberg runs three times: answering each request whole (`read_request`: one Rust call
+encodes the whole response); with that off, after Feast's own preparation of the request, all
+views in one Rust call (`read_views`, what requests with on-demand views get); and with both
+off, through Feast's per-view path (one `online_read` per view, the response built in Python).
+Targets (issue 14): 5-view p99 <= 1.5x the 1-view p99, and 100 keys over 5 views p99 <= 5 ms.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ CELLS = [(1, 1), (1, 100), (VIEWS, 1), (VIEWS, 100)]  # (views, keys)
 COLUMNS = {
     "sqlite": "Feast sqlite store",
     "iceberg-feast": "feast-iceberg, Feast's per-view path",
-    "iceberg": "feast-iceberg, one call",
+    "iceberg-views": "feast-iceberg, Feast's preparation + read_views",
+    "iceberg": "feast-iceberg, whole request",
 }
 
 
@@ -99,26 +101,35 @@ def measure(
 
 
 def check_same(fs: FeatureStore, services: dict[int, FeatureService]) -> None:
-    """The one-call read answers as Feast's path does (a sanity check; tests/test_views.py
+    """Every path answers as Feast's per-view path does (a sanity check; tests/test_views.py
     covers the shapes)."""
     rows = [{workload.JOIN_KEY: i} for i in (*workload.entity_ids(50).tolist(), -1)]
     request = {"features": services[VIEWS], "entity_rows": rows, "full_feature_names": True}
-    ours = fs.get_online_features(**request).proto
-    with feast_path():
+    with off("read_request", "read_views"):
         theirs = fs.get_online_features(**request).proto
-    if ours != theirs:
-        raise SystemExit("feast-iceberg's one-call read differs from Feast's per-view path")
+    with off("read_request"):
+        views = fs.get_online_features(**request).proto
+    if not fs.get_online_features(**request).proto == views == theirs:
+        raise SystemExit("feast-iceberg's one-call reads differ from Feast's per-view path")
 
 
-class feast_path:
-    """Within it, feast-iceberg leaves every request to Feast's per-view path."""
+class off:
+    """Within it, feast-iceberg's `read_request` and/or `read_views` leave every request to
+    Feast's path."""
+
+    def __init__(self, *hooks: str) -> None:
+        self.hooks = hooks
 
     def __enter__(self) -> None:
-        self.saved: Callable[..., bool] = IcebergOnlineStore.read_views
-        IcebergOnlineStore.read_views = lambda self, request: False  # type: ignore[method-assign]
+        self.saved: dict[str, Callable[..., Any]] = {}
+        for hook in self.hooks:
+            self.saved[hook] = getattr(IcebergOnlineStore, hook)
+            declined = None if hook == "read_request" else False
+            setattr(IcebergOnlineStore, hook, lambda self, request, d=declined: d)
 
     def __exit__(self, *exc: object) -> None:
-        IcebergOnlineStore.read_views = self.saved  # type: ignore[method-assign]
+        for hook, saved in self.saved.items():
+            setattr(IcebergOnlineStore, hook, saved)
 
 
 def table(results: dict[str, dict[tuple[int, int], dict[str, float]]]) -> list[str]:
@@ -158,8 +169,10 @@ def main() -> None:
         results["sqlite"] = measure(fs, services, profile)
         fs, services = repo("iceberg", Path(tmp) / "iceberg", profile["entities"])
         check_same(fs, services)
-        with feast_path():
+        with off("read_request", "read_views"):
             results["iceberg-feast"] = measure(fs, services, profile)
+        with off("read_request"):
+            results["iceberg-views"] = measure(fs, services, profile)
         results["iceberg"] = measure(fs, services, profile)
     print(f"get_online_features, {profile['entities']:,} entities, full_feature_names, GC on")
     print("\n".join(table(results)))

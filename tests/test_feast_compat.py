@@ -20,7 +20,17 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from feast import Entity, FeatureStore, FeatureView, Field, FileSource, RepoConfig
+from feast import (
+    Entity,
+    FeatureService,
+    FeatureStore,
+    FeatureView,
+    Field,
+    FileSource,
+    RepoConfig,
+    type_map,
+)
+from feast import utils as feast_utils
 from feast.infra.compute_engines.local.compute import LocalComputeEngine
 from feast.infra.compute_engines.local.feature_builder import LocalFeatureBuilder
 from feast.infra.compute_engines.local.nodes import LocalOutputNode
@@ -64,6 +74,30 @@ FINGERPRINTS = {
     "OnlineStore.read_precomputed_vectors": (
         OnlineStore.read_precomputed_vectors,
         "b10ebc45dded15a5",
+    ),
+    # ViewReadHooks.get_online_features(_async) answer a request whole (read_request) in
+    # place of these: what they build for requests of feature views only (the join-key
+    # columns first, every value PRESENT with an unset timestamp; the feature types; nothing
+    # dropped) is what the core encodes (read/response.rs) and online_store.py passes on.
+    "OnlineStore.get_online_features": (OnlineStore.get_online_features, "315cc36e77ca2cc1"),
+    "OnlineStore.get_online_features_async": (
+        OnlineStore.get_online_features_async,
+        "f2f169ef07e980be",
+    ),
+    "utils._prepare_entities_to_read_from_online_store": (
+        feast_utils._prepare_entities_to_read_from_online_store,
+        "4b231496a09880eb",
+    ),
+    "utils._populate_result_rows_from_columnar": (
+        feast_utils._populate_result_rows_from_columnar,
+        "a67cf67c9a2f1656",
+    ),
+    "utils._drop_unneeded_columns": (feast_utils._drop_unneeded_columns, "841f1668c0c9e0e3"),
+    # The core encodes a request's Python ints and strs of Int32, Int64 and String join keys
+    # as this does (online_store._is_raw); anything else goes through it.
+    "type_map._convert_scalar_values_to_proto": (
+        type_map._convert_scalar_values_to_proto,
+        "16ae7ea0c07c9cd6",
     ),
 }
 
@@ -144,10 +178,82 @@ def test_get_online_features_reads_through_the_hook(method: str, hook: str) -> N
     assert "online_read" not in source.replace("read_precomputed_vectors", "")
 
 
+@pytest.mark.parametrize("method", ["get_online_features", "get_online_features_async"])
+def test_get_online_features_keeps_its_signature(method: str) -> None:
+    # ViewReadHooks overrides it and hands its arguments on positionally.
+    assert list(inspect.signature(getattr(OnlineStore, method)).parameters) == list(
+        inspect.signature(getattr(_feast_compat.ViewReadHooks, method)).parameters
+    )
+    assert list(inspect.signature(getattr(OnlineStore, method)).parameters) == [
+        "self",
+        "config",
+        "features",
+        "entity_rows",
+        "registry",
+        "project",
+        "full_feature_names",
+        "include_feature_view_version_metadata",
+    ]
+
+
+def test_request_context_is_feasts_cached_resolution(tmp_path: Path) -> None:
+    fs, _ = arrow_engine_store(tmp_path)
+    view = fs.get_feature_view("docs")
+    fs.apply([FeatureService(name="svc", features=[view])])
+    registry, project = fs.registry, fs.project
+    for features in (["docs:embedding"], fs.get_feature_service("svc")):
+        context = feast_utils._get_cached_request_context(registry, project, features, True)
+        # The same object while the registry cache holds: plans are cached against it.
+        assert feast_utils._get_cached_request_context(registry, project, features, True) is (
+            context
+        )
+        refs, odfvs, name_to_key, types, keys, grouped, names, request_data, entityless = context
+        assert refs == ["docs:embedding"] and odfvs == [] and not entityless
+        assert name_to_key["doc"] == "doc_id" and "doc_id" in keys
+        assert types == {"doc_id": ValueType.INT64}
+        ((table, requested),) = grouped
+        assert table.name == "docs" and requested == ["embedding"]
+        assert names == frozenset({"docs__embedding"}) and not request_data
+        request = _feast_compat.online_request(
+            fs.config, features, [{"doc_id": 1}], registry, project, True, False
+        )
+        assert request is not None and request.context is context
+        assert request.columns == {"doc_id": [1]}
+        assert _feast_compat.feature_types(grouped) == {
+            "embedding": ValueType.FLOAT_LIST,
+            "docs__embedding": ValueType.FLOAT_LIST,
+        }
+
+
+def test_int_and_str_join_keys_convert_as_the_core_encodes_them() -> None:
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+
+    fields = type_map.PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE
+    assert {t: fields[t][0] for t in (ValueType.INT32, ValueType.INT64, ValueType.STRING)} == {
+        ValueType.INT32: "int32_val",
+        ValueType.INT64: "int64_val",
+        ValueType.STRING: "string_val",
+    }
+    assert _feast_compat.entity_values_to_protos([0, -1], ValueType.INT64) == [
+        ValueProto(int64_val=0),
+        ValueProto(int64_val=-1),
+    ]
+    assert _feast_compat.entity_values_to_protos([""], ValueType.STRING) == [
+        ValueProto(string_val="")
+    ]
+
+
+def test_online_read_latency_metric_keeps_its_signature() -> None:
+    from feast.metrics import track_online_store_read
+
+    assert list(inspect.signature(track_online_store_read).parameters) == ["duration_seconds"]
+    _feast_compat.track_online_store_read(0.001)  # metrics off: a no-op
+
+
 def test_table_entity_values_hands_back_the_requests_own_columns() -> None:
     from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
-    # The multi-view read serializes each request column once, keyed by the list's identity.
+    # The plans map each view's join keys to the request's columns through it.
     driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
     view = FeatureView(name="stats", entities=[driver], schema=[], source=None)
     aliased = view.with_join_key_map({"driver_id": "other_id"})

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 from feast import (
@@ -33,6 +34,7 @@ from feast import (
     StreamFeatureView,
 )
 from feast.on_demand_feature_view import on_demand_feature_view
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.types import Array, Float32, Float64, Int64, String
 from feast.value_type import ValueType
 from feast_iceberg import IcebergOnlineStore
@@ -80,6 +82,7 @@ def source(tmp_path: Path) -> FileSource:
             "spend": [{"a": 1.25, "b": 2.5}[c] for _, c in rows],
             "affinity": [d * {"a": 1.0, "b": 2.0}[c] for d, c in rows],
             "score": [d * 100 for d, _ in rows],
+            "zone_id": pd.array([d % 2 for d, _ in rows], dtype="int32"),
             # Microseconds, and one row per key per view newest: the timestamps differ per row.
             "event_timestamp": [T0 + timedelta(seconds=i, microseconds=7 * i) for i in range(6)],
         }
@@ -91,6 +94,7 @@ def source(tmp_path: Path) -> FileSource:
 
 driver = Entity(name="driver", join_keys=["driver_id"], value_type=ValueType.INT64)
 customer = Entity(name="customer", join_keys=["customer_id"], value_type=ValueType.STRING)
+zone = Entity(name="zone", join_keys=["zone_id"], value_type=ValueType.INT32)
 
 
 def views(src: FileSource) -> dict[str, Any]:
@@ -148,6 +152,15 @@ def views(src: FileSource) -> dict[str, Any]:
         ttl=timedelta(days=1),
     )
 
+    # Keyed on an Int32 entity.
+    z_stats = FeatureView(
+        name="z_stats",
+        entities=[zone],
+        schema=[Field(name="score", dtype=Int64)],
+        source=src,
+        ttl=LONG,
+    )
+
     @on_demand_feature_view(
         sources=[d_stats, c_stats],
         schema=[Field(name="trips_spend", dtype=Float64)],
@@ -181,6 +194,7 @@ def views(src: FileSource) -> dict[str, Any]:
         "c_stats": c_stats,
         "pair": pair,
         "d_short": d_short,
+        "z_stats": z_stats,
         "trips_spend": trips_spend,
         "trips_bonus": trips_bonus,
         "affinity_x2": affinity_x2,
@@ -190,7 +204,7 @@ def views(src: FileSource) -> dict[str, Any]:
 def build(tmp_path: Path, **online: Any) -> tuple[FeatureStore, dict[str, Any]]:
     vs = views(source(tmp_path))
     fs = feature_store(tmp_path / "repo", **online)
-    fs.apply([driver, customer, *vs.values()])
+    fs.apply([driver, customer, zone, *vs.values()])
     fs.materialize(T0 - timedelta(hours=1), NOW)
     odfv = vs["affinity_x2"]
     written = pd.DataFrame(
@@ -213,37 +227,53 @@ def repo(tmp_path: Path) -> tuple[FeatureStore, dict[str, Any]]:
 
 
 class Spy:
-    """Counts the requests the multi-view read served and those it left to Feast."""
+    """Counts the requests answered whole (`read_request`), those whose views the multi-view
+    read served after Feast's preparation (`read_views`), and those left to Feast's per-view
+    path."""
 
     def __init__(self) -> None:
-        self.fast = 0
+        self.whole = 0
+        self.views = 0
         self.fallback = 0
 
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[Spy]:
     spy = Spy()
-    original = IcebergOnlineStore.read_views
+    read_request, read_views = IcebergOnlineStore.read_request, IcebergOnlineStore.read_views
 
-    def counting(self: IcebergOnlineStore, request: Any) -> bool:
-        served = original(self, request)
-        if served:
-            spy.fast += 1
-        else:
-            spy.fallback += 1
+    def whole(self: IcebergOnlineStore, request: Any) -> Any:
+        response = read_request(self, request)
+        spy.whole += response is not None
+        return response
+
+    def views(self: IcebergOnlineStore, request: Any) -> bool:
+        served = read_views(self, request)
+        spy.views += served
+        spy.fallback += not served
         return served
 
-    monkeypatch.setattr(IcebergOnlineStore, "read_views", counting)
+    monkeypatch.setattr(IcebergOnlineStore, "read_request", whole)
+    monkeypatch.setattr(IcebergOnlineStore, "read_views", views)
     yield spy
+
+
+def feasts_path(m: pytest.MonkeyPatch) -> None:
+    """Within `m`, Feast prepares every request and reads its views one `online_read` after
+    another."""
+    m.setattr(IcebergOnlineStore, "read_request", lambda self, request: None)
+    m.setattr(IcebergOnlineStore, "read_views", lambda self, request: False)
 
 
 def assert_same(fs: FeatureStore, monkeypatch: pytest.MonkeyPatch, **request: Any) -> Any:
     ours = fs.get_online_features(**request)
     with monkeypatch.context() as m:
-        m.setattr(IcebergOnlineStore, "read_views", lambda self, request: False)
+        feasts_path(m)
         feasts = fs.get_online_features(**request)
     assert ours.proto == feasts.proto
+    assert ours.proto.SerializeToString() == feasts.proto.SerializeToString()
     assert ours.to_dict() == feasts.to_dict()
+    assert ours._feature_types == feasts._feature_types
     return ours
 
 
@@ -274,7 +304,7 @@ def test_many_views_match_feasts_path(
     got = assert_same(
         fs, monkeypatch, features=features, entity_rows=ROWS, full_feature_names=full_feature_names
     ).to_dict()
-    assert spy.fast == 1 and spy.fallback == 0
+    assert spy.whole == 1 and spy.views == 0 and spy.fallback == 0
     trips = got["d_stats__trips" if full_feature_names else "trips"]
     assert trips == [20, None, 30, 20, 10]
     rating = got["d_stats__rating" if full_feature_names else "rating"]
@@ -296,7 +326,7 @@ def test_expired_rows_are_not_found_with_enforce_ttl(
 ) -> None:
     fs, _ = build(tmp_path, enforce_ttl=True)
     got = assert_same(fs, monkeypatch, features=DRIVER_FEATURES, entity_rows=ROWS).to_dict()
-    assert spy.fast == 1
+    assert spy.whole == 1
     assert got["score"] == [None] * len(ROWS)
     assert got["trips"] == [20, None, 30, 20, 10]
 
@@ -312,7 +342,7 @@ def test_join_key_requested_as_a_feature(
         entity_rows=ROWS,
         full_feature_names=True,
     ).to_dict()
-    assert spy.fast == 1
+    assert spy.whole == 1
     # Answered from the key where the row exists, None (NOT_FOUND) where it does not.
     assert got["d_push__driver_id"] == [2, None, 3, 2, 1]
 
@@ -333,7 +363,8 @@ def test_on_demand_views_with_request_data_and_written_online(
         ],
         entity_rows=rows,
     ).to_dict()
-    assert spy.fast == 1
+    # Feast prepares requests with on-demand views; their views are read in one call.
+    assert spy.whole == 0 and spy.views == 1
     assert got["trips_bonus"][0] == 20.5
     assert got["trips_spend"][0] == 50.0
     assert got["affinity_x2"] == [8.0, None, None, 8.0, 2.0]
@@ -357,7 +388,7 @@ def test_feature_service_and_version_metadata(
             include_feature_view_version_metadata=include,
         )
         assert len(ours.proto.metadata.feature_view_metadata) == (5 if include else 0)
-    assert spy.fast == 2
+    assert spy.whole == 2
 
 
 def test_projection_with_join_key_map(repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -374,7 +405,7 @@ def test_projection_with_join_key_map(repo: Any, spy: Spy, monkeypatch: pytest.M
         entity_rows=rows,
         full_feature_names=True,
     ).to_dict()
-    assert spy.fast == 1
+    assert spy.whole == 1
     assert got["other__trips"] == [10, 20, None, 30, 20]
     assert got["d_more__name"][0] == "driver-2"
 
@@ -385,12 +416,19 @@ def test_async_path_matches_feasts_path(
     fs, _ = repo
     request = {"features": ALL_FEATURES, "entity_rows": ROWS, "full_feature_names": True}
     ours = asyncio.run(fs.get_online_features_async(**request))
-    assert spy.fast == 1
+    assert spy.whole == 1
     with monkeypatch.context() as m:
-        m.setattr(IcebergOnlineStore, "read_views", lambda self, request: False)
+        feasts_path(m)
         feasts = asyncio.run(fs.get_online_features_async(**request))
     assert ours.proto == feasts.proto
     assert ours.proto == fs.get_online_features(**request).proto
+    # With on-demand views Feast prepares the request, and the views are read in one call.
+    request["features"] = ["trips_spend:trips_spend", "d_more:name"]
+    ours = asyncio.run(fs.get_online_features_async(**request))
+    assert spy.views == 1
+    with monkeypatch.context() as m:
+        feasts_path(m)
+        assert ours.proto == asyncio.run(fs.get_online_features_async(**request)).proto
 
 
 def test_versioned_views_in_one_request(
@@ -416,7 +454,7 @@ def test_versioned_views_in_one_request(
         full_feature_names=True,
         include_feature_view_version_metadata=True,
     ).to_dict()
-    assert spy.fast == 1
+    assert spy.whole == 1
     assert got["d_stats@v1__rating"] == [2.5, None]
     assert got["d_stats@v0__trips"] == [20, None]
 
@@ -433,5 +471,134 @@ def test_shapes_left_to_feasts_path(
             features=["d_stats:trips", "pair:affinity"],
             entity_rows=[{"driver_id": 1}, {"driver_id": 2}],
         )
-    assert spy.fallback == 1 and spy.fast == 0
+    assert spy.fallback == 1 and spy.whole == 0 and spy.views == 0
     assert "the request lacks some of its join keys" in caplog.text
+
+
+def test_entity_rows_as_columns_protos_and_numpy(
+    repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs, _ = repo
+    features = ["d_stats:trips", "c_stats:spend", "pair:affinity", "d_more:name"]
+    drivers, customers = [2, 9, 3, 2, 1], ["b", "a", "z", "b", "a"]
+    for entity_rows in (
+        {"driver_id": drivers, "customer_id": customers},
+        {"customer_id": tuple(customers), "driver_id": tuple(drivers)},
+        # Values Feast converts itself: protos, numpy ints.
+        {"driver_id": [ValueProto(int64_val=d) for d in drivers], "customer_id": customers},
+        {"driver_id": list(np.array(drivers, dtype=np.int64)), "customer_id": customers},
+    ):
+        got = assert_same(
+            fs, monkeypatch, features=features, entity_rows=entity_rows, full_feature_names=True
+        ).to_dict()
+        assert got["d_stats__trips"] == [20, None, 30, 20, 10]
+        assert got["c_stats__spend"] == [2.5, 1.25, None, 2.5, 1.25]
+    assert spy.whole == 4 and spy.views == 0
+
+
+def test_join_key_types_and_bounds(repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, _ = repo
+    features = ["z_stats:score", "c_stats:spend", "d_stats:trips"]
+    rows = [
+        {"zone_id": z, "customer_id": c, "driver_id": d}
+        for z, c, d in [
+            (1, "a", 1),
+            (0, "", 2**63 - 1),
+            (-1, "é", -(2**63)),
+            (2**31 - 1, "b", 0),
+            (-(2**31), "b", 3),
+        ]
+    ]
+    got = assert_same(
+        fs, monkeypatch, features=features, entity_rows=rows, full_feature_names=True
+    ).to_dict()
+    assert spy.whole == 1
+    assert got["z_stats__score"] == [300, 200, None, None, None]
+    assert got["zone_id"] == [1, 0, -1, 2**31 - 1, -(2**31)]
+    # Out of an Int32 key's range: Feast's conversion decides, on both paths.
+    too_big = [{"zone_id": 2**31, "customer_id": "a", "driver_id": 1}]
+    with pytest.raises(ValueError) as ours:
+        fs.get_online_features(features=features, entity_rows=too_big)
+    with monkeypatch.context() as m, pytest.raises(ValueError) as feasts:
+        feasts_path(m)
+        fs.get_online_features(features=features, entity_rows=too_big)
+    assert str(ours.value) == str(feasts.value)
+
+
+def test_join_key_columns_no_view_is_keyed_on(
+    repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs, _ = repo
+    # customer_id is a join key (of another view): Feast puts it in the response as it came,
+    # unset values included.
+    rows = [dict(r, customer_id=c) for r, c in zip(ROWS, ["a", None, "b", None, "z"], strict=True)]
+    got = assert_same(fs, monkeypatch, features=["d_stats:trips"], entity_rows=rows).to_dict()
+    assert spy.whole == 1
+    assert got["customer_id"] == ["a", None, "b", None, "z"]
+    assert got["trips"] == [20, None, 30, 20, 10]
+
+
+def test_requests_feast_prepares(
+    repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fs, _ = repo
+    with caplog.at_level(logging.DEBUG, logger="feast_iceberg.online_store"):
+        # A key that is no join key: Feast leaves it out of its response.
+        rows = [dict(r, unrelated=1.5) for r in ROWS]
+        got = assert_same(fs, monkeypatch, features=["d_stats:trips"], entity_rows=rows)
+        assert "unrelated" not in got.to_dict()
+        # The entity's name instead of its join key (deprecated by Feast).
+        with pytest.warns(UserWarning, match="deprecated"):
+            assert_same(fs, monkeypatch, features=["d_stats:trips"], entity_rows=[{"driver": 2}])
+        # Rows of different keys: Feast's error.
+        with pytest.raises(ValueError, match="same"):
+            fs.get_online_features(
+                features=["d_stats:trips"], entity_rows=[{"driver_id": 1}, {"customer_id": "a"}]
+            )
+    assert spy.whole == 0 and spy.views == 2
+    assert "an entity-row key that is not a join key" in caplog.text
+    assert "entity rows of another shape" in caplog.text
+
+
+def error_of(call: Any) -> BaseException:
+    with pytest.raises(Exception) as raised:
+        call()
+    return raised.value
+
+
+def test_an_unset_key_value_is_left_to_feast(
+    repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fs, _ = repo
+    request = {
+        "features": ["d_stats:trips"],
+        "entity_rows": [{"driver_id": 1}, {"driver_id": None}],
+    }
+    ours = error_of(lambda: fs.get_online_features(**request))
+    with monkeypatch.context() as m:
+        feasts_path(m)
+        feasts = error_of(lambda: fs.get_online_features(**request))
+    assert type(ours) is type(feasts) and str(ours) == str(feasts)
+    assert spy.whole == 0 and spy.views == 0 and spy.fallback == 1
+
+
+def test_plans_follow_the_registry(repo: Any, spy: Spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs, vs = repo
+    request = {"features": ["d_stats:trips", "d_stats:rating"], "entity_rows": ROWS}
+    assert_same(fs, monkeypatch, **request)
+    # The view's table gains a feature and the registry changes under the cached plan.
+    grown = FeatureView(
+        name="d_stats",
+        entities=[driver],
+        schema=[*vs["d_stats"].schema, Field(name="score", dtype=Int64)],
+        source=vs["d_stats"].batch_source,
+        ttl=LONG,
+    )
+    fs.apply([grown])
+    fs.materialize(T0 - timedelta(hours=1), NOW)
+    got = assert_same(
+        fs, monkeypatch, features=["d_stats:trips", "d_stats:score"], **{"entity_rows": ROWS}
+    ).to_dict()
+    assert got["score"] == [200, None, 300, 200, 100]
+    assert_same(fs, monkeypatch, **request)
+    assert spy.whole == 3

@@ -10,10 +10,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import importlib
+import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import Any, TypeVar
 
+from feast import metrics as feast_metrics
 from feast import utils as feast_utils
+from feast.feature_service import FeatureService
 from feast.infra.common.materialization_job import (
     MaterializationJobStatus,
     MaterializationTask,
@@ -28,7 +34,14 @@ from feast.infra.online_stores.helpers import compute_versioned_name
 from feast.infra.online_stores.online_store import OnlineStore
 from feast.infra.registry.base_registry import BaseRegistry
 from feast.infra.supported_async_methods import SupportedAsyncMethods
+from feast.online_response import OnlineResponse
+from feast.type_map import python_values_to_proto_values
 from feast.utils import _validate_vector_field_lengths
+from feast.value_type import ValueType
+
+logger = logging.getLogger("feast_iceberg.online_store")
+
+V = TypeVar("V")
 
 PRECOMPUTED_PREFIX = "__precomputed__"
 """Name prefix of the synthetic feature view `OnlineStore.write_precomputed_vector` writes a
@@ -187,14 +200,86 @@ class ViewsRequest:
     include_feature_view_version_metadata: bool
 
 
+@dataclass(frozen=True)
+class OnlineRequest:
+    """A `get_online_features` request of the shape a store derived from `ViewReadHooks`
+    may answer whole (`read_request`): feature views only (no on-demand views, request data,
+    entityless views or precomputed vectors), and every entity-row key a join key.
+
+    `context` is Feast's resolution of the requested features, which Feast caches: the same
+    object for as long as its registry cache holds, so a store may cache what it derives from
+    a request's shape against it. `columns` are the request's join-key columns as the caller
+    gave them (native values, or `Value` protos), in entity-row order; `entity_types` Feast's
+    value type of each join key; `result_names` the names Feast's response keeps."""
+
+    config: Any
+    context: object
+    grouped_refs: list[tuple[Any, list[str]]]
+    entity_name_to_join_key_map: dict[str, str]
+    entity_types: dict[str, ValueType]
+    result_names: frozenset[str]
+    columns: dict[str, list[Any]]
+    full_feature_names: bool
+    include_feature_view_version_metadata: bool
+
+
 class ViewReadHooks(OnlineStore):
-    """Feast's `get_online_features` and `get_online_features_async` read every feature view
-    of a request through one hook, which a store may override "to batch reads more
-    efficiently". A store derived from this class gets the request in `read_views`; when that
-    returns False, Feast's own hook (one `online_read` per view) serves it."""
+    """Two ways in for a store that reads many feature views at once.
+
+    `get_online_features` (and its async twin) hand a request of the shape `OnlineRequest`
+    describes to `read_request` before Feast prepares anything (entity values to protos, the
+    response's join-key columns, the feature types): a store may answer it whole. Otherwise,
+    or when `read_request` returns None, Feast's own method runs, and it reads every feature
+    view of the request through one hook, which a store may override "to batch reads more
+    efficiently": a store derived from this class gets those in `read_views`; when that
+    returns False, Feast's own hook (one `online_read` per view) serves the request."""
+
+    def read_request(self, request: OnlineRequest) -> OnlineResponse | None:
+        return None
 
     def read_views(self, request: ViewsRequest) -> bool:
         return False
+
+    def get_online_features(  # type: ignore[no-untyped-def]
+        self,
+        config,
+        features,
+        entity_rows,
+        registry,
+        project,
+        full_feature_names=False,
+        include_feature_view_version_metadata=False,
+    ) -> OnlineResponse:
+        args = (config, features, entity_rows, registry, project, full_feature_names)
+        request = online_request(*args, include_feature_view_version_metadata)
+        if request is not None:
+            started = time.monotonic()
+            response = self.read_request(request)
+            if response is not None:
+                track_online_store_read(time.monotonic() - started)
+                return response
+        return super().get_online_features(*args, include_feature_view_version_metadata)
+
+    async def get_online_features_async(  # type: ignore[no-untyped-def]
+        self,
+        config,
+        features,
+        entity_rows,
+        registry,
+        project,
+        full_feature_names=False,
+        include_feature_view_version_metadata=False,
+    ) -> OnlineResponse:
+        args = (config, features, entity_rows, registry, project, full_feature_names)
+        request = online_request(*args, include_feature_view_version_metadata)
+        if request is not None:
+            started = time.monotonic()
+            # The read releases the GIL: in a worker thread it leaves the event loop free.
+            response = await asyncio.to_thread(self.read_request, request)
+            if response is not None:
+                track_online_store_read(time.monotonic() - started)
+                return response
+        return await super().get_online_features_async(*args, include_feature_view_version_metadata)
 
     def _read_features_per_fv(  # type: ignore[no-untyped-def]
         self,
@@ -242,25 +327,115 @@ class ViewReadHooks(OnlineStore):
             await super()._read_features_per_fv_async(*args)
 
 
-def table_entity_values(
-    feature_view: Any, entity_name_to_join_key_map: dict[str, str], join_key_values: dict
-) -> dict[str, list[Any]]:
-    """The request's join-key columns a view's entity key is made of, under the view's own
-    join-key names (a projection may alias them); the lists are the request's own objects."""
-    return dict(
-        feast_utils._get_table_entity_values(
-            feature_view, entity_name_to_join_key_map, join_key_values
-        )
+def online_request(
+    config: Any,
+    features: Any,
+    entity_rows: Any,
+    registry: Any,
+    project: str,
+    full_feature_names: bool,
+    include_feature_view_version_metadata: bool,
+) -> OnlineRequest | None:
+    """The request as an `OnlineRequest`, or None (logged at debug level) for a shape Feast's
+    own preparation must handle. Feast's errors for malformed entity rows are Feast's: such
+    rows are left to it."""
+    if isinstance(features, FeatureService) and getattr(features, "precompute_online", False):
+        return _not_whole("precomputed feature-service vectors")
+    columns = _entity_columns(entity_rows)
+    if columns is None:
+        return _not_whole("entity rows of another shape")
+    context = feast_utils._get_cached_request_context(
+        registry, project, features, full_feature_names
     )
+    (
+        _feature_refs,
+        on_demand_views,
+        entity_name_to_join_key_map,
+        entity_types,
+        join_keys,
+        grouped_refs,
+        result_names,
+        needed_request_data,
+        entityless,
+    ) = context
+    if on_demand_views or needed_request_data or entityless or not grouped_refs:
+        return _not_whole("on-demand views, request data, entityless views or no views")
+    if not columns.keys() <= join_keys:
+        return _not_whole("an entity-row key that is not a join key")
+    return OnlineRequest(
+        config,
+        context,
+        grouped_refs,
+        entity_name_to_join_key_map,
+        entity_types,
+        result_names,
+        columns,
+        full_feature_names,
+        include_feature_view_version_metadata,
+    )
+
+
+def _entity_columns(entity_rows: Any) -> dict[str, list[Any]] | None:
+    """The entity rows as columns, as Feast turns them into columns, when every row has the
+    same keys (list of dicts) or every column is a list or tuple of one length."""
+    if isinstance(entity_rows, list):
+        if not entity_rows or not isinstance(entity_rows[0], Mapping):
+            return None
+        names = list(entity_rows[0])
+        if not names or set(map(len, entity_rows)) != {len(names)}:
+            return None
+        try:
+            return {name: list(map(itemgetter(name), entity_rows)) for name in names}
+        except (KeyError, TypeError):
+            return None
+    if isinstance(entity_rows, Mapping) and entity_rows:
+        columns = {k: list(v) for k, v in entity_rows.items() if isinstance(v, (list, tuple))}
+        if len(columns) != len(entity_rows) or len(set(map(len, columns.values()))) != 1:
+            return None
+        return columns if next(iter(columns.values())) else None
+    return None
+
+
+def _not_whole(reason: str) -> OnlineRequest | None:
+    logger.debug("Feast prepares this request: %s", reason)
+    return None
+
+
+def entity_values_to_protos(values: list[Any], value_type: ValueType) -> list[Any]:
+    """Feast's conversion of a request's entity values to `Value` protos."""
+    return python_values_to_proto_values(values, value_type)
+
+
+def feature_types(grouped_refs: list[tuple[Any, list[str]]]) -> dict[str, ValueType]:
+    """The feature types Feast hands `OnlineResponse` for the views of a request."""
+    return dict(OnlineStore._build_feature_types(grouped_refs))
+
+
+def track_online_store_read(seconds: float) -> None:
+    """Feast's online-store read latency metric (a no-op unless its metrics are on)."""
+    try:
+        feast_metrics.track_online_store_read(seconds)
+    except Exception:
+        pass
+
+
+def table_entity_values(
+    feature_view: Any, entity_name_to_join_key_map: dict[str, str], join_key_values: dict[str, V]
+) -> dict[str, V]:
+    """The request's join-key columns a view's entity key is made of, under the view's own
+    join-key names (a projection may alias them); what the mapping holds for each column
+    (values, or an index) comes back as it is."""
+    # Feast annotates the columns as `Value` lists; it only passes them through.
+    select: Any = feast_utils._get_table_entity_values
+    mapped: dict[str, V] = select(feature_view, entity_name_to_join_key_map, join_key_values)
+    return mapped
 
 
 def track_feature_statuses(view_name: str, present: int, not_found: int) -> None:
     """Feast's per-view PRESENT / NOT_FOUND counters (a no-op unless its metrics are on);
     like Feast's own read path, never lets a metrics failure fail the read."""
     try:
-        from feast.metrics import track_feature_statuses as track
-
-        track(view_name, present, not_found)
+        feast_metrics.track_feature_statuses(view_name, present, not_found)
     except Exception:
         pass
 
@@ -276,18 +451,24 @@ __all__ = [
     "LocalOutputNode",
     "MaterializationJobStatus",
     "MaterializationTask",
+    "OnlineRequest",
+    "OnlineResponse",
     "SupportedAsyncMethods",
     "ViewReadHooks",
     "ViewsRequest",
     "declared_arrow_types",
+    "entity_values_to_protos",
+    "feature_types",
     "is_precomputed_view",
     "materialize_one",
+    "online_request",
     "ray_materialize_one",
     "replace_node_class",
     "spark_materialize_one",
     "online_write_batch_size",
     "table_entity_values",
     "track_feature_statuses",
+    "track_online_store_read",
     "validate_vector_widths",
     "versioned_name",
     "versioning_enabled",

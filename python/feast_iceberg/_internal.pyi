@@ -177,6 +177,24 @@ class Store:
         `not_before` are NOT_FOUND with an unset value and timestamp.
         """
 
+    def online_features(
+        self,
+        names: list[str],
+        columns: list[tuple[int, list[Any]]],
+        views: list[tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]],
+    ) -> tuple[bytes, list[int]]:
+        """A whole `get_online_features` answer in one call: `read_views` with the response
+        around it.
+
+        `columns`: the request's join-key columns as (kind, values): kind 0, serialized
+        `feast.types.Value`s; 2, 3, 4 (Feast's STRING, INT32, INT64), Python `str`s or
+        `int`s, encoded as Feast's `python_values_to_proto_values` encodes them. `views` as
+        for `read_views`, indexing `columns`. Returns (a serialized
+        `GetOnlineFeaturesResponse`: metadata listing `names`, one `results` entry per
+        column, every value PRESENT with an unset event timestamp, then the views' entries;
+        per view the number of PRESENT cells).
+        """
+
     def stats(self, table: str) -> TableStats:
         """Rows, files, bytes and snapshots of the current table state. `records` counts live
         rows (rows of data files minus `position_deletes`)."""

@@ -7,6 +7,7 @@ the GIL released.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import threading
@@ -17,16 +18,22 @@ from operator import itemgetter
 from typing import Any, NoReturn
 
 from feast import Entity, FeatureView
+from feast.protos.feast.serving.ServingService_pb2 import GetOnlineFeaturesResponse
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import RepeatedValue
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
+from feast.value_type import ValueType
 
 from . import _internal, metrics
 from ._feast_compat import (
+    OnlineRequest,
+    OnlineResponse,
     SupportedAsyncMethods,
     ViewReadHooks,
     ViewsRequest,
+    entity_values_to_protos,
+    feature_types,
     is_precomputed_view,
     table_entity_values,
     track_feature_statuses,
@@ -102,13 +109,15 @@ def _not_before(config: RepoConfig, table: FeatureView) -> int | None:
 class _StoreCache:
     """One Rust `Store` per (process, config): connections never cross a fork.
 
-    Looked up on every read, so the key is what pydantic serializes in microseconds; the core's
-    config (paths resolved against the repo, directories created) is built only on a miss.
+    Looked up on every read. The key is what pydantic serializes, which costs tens of
+    microseconds, so the last lookup of each config object is remembered with a copy of its
+    fields: while the object and its fields are the same, so is the store.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._stores: dict[tuple[int, str, int, str], _internal.Store] = {}
+        self._seen: dict[int, tuple[Any, ...]] = {}
 
     def get(self, config: RepoConfig) -> _internal.Store:
         online = config.online_store
@@ -117,7 +126,11 @@ class _StoreCache:
                 f"online_store config is {type(online).__name__}, expected IcebergOnlineStoreConfig"
             )
         version = config.entity_key_serialization_version
-        key = (os.getpid(), str(config.repo_path), version, online.model_dump_json())
+        where = (os.getpid(), str(config.repo_path), version)
+        seen = self._seen.get(id(online))
+        if seen is not None and seen[0] is online and seen[1] == where and seen[2] == vars(online):
+            return seen[3]
+        key = (*where, online.model_dump_json())
         store = self._stores.get(key)
         if store is None:
             with self._lock:
@@ -125,9 +138,13 @@ class _StoreCache:
                 if store is None:
                     if any(k[0] != key[0] for k in self._stores):
                         self._stores.clear()
+                        self._seen.clear()
                     store = _internal.Store(online.to_store_json(config.repo_path, version))
                     self._stores[key] = store
                     metrics.register()
+        if len(self._seen) >= 64:
+            self._seen.clear()  # configs built and dropped (tests, tools): they come back
+        self._seen[id(online)] = (online, where, copy.deepcopy(vars(online)), store)
         return store
 
 
@@ -141,6 +158,7 @@ class IcebergOnlineStore(ViewReadHooks):
     def __init__(self) -> None:
         super().__init__()
         self._stores = _StoreCache()
+        self._plans = _RequestPlans()
 
     def _store(self, config: RepoConfig) -> _internal.Store:
         return self._stores.get(config)
@@ -227,24 +245,49 @@ class IcebergOnlineStore(ViewReadHooks):
             _add_key_values(result, entity_keys, wanted_keys)
         return result
 
+    def read_request(self, request: OnlineRequest) -> OnlineResponse | None:
+        """A whole `get_online_features` answer from one Rust call: the core encodes the
+        response (join-key columns, every view's `FeatureVector`s) and one `FromString` parses
+        it, so neither Feast's preparation nor a `Value` object per cell runs. What is the same
+        for every request of a shape (table names, feature names, types) comes from a plan
+        cached per shape. None (Feast's path serves the request) for shapes it handles
+        differently; see `_plan_views`."""
+        plan = self._plans.get(request)
+        if isinstance(plan, str):
+            logger.debug("Feast prepares this request: %s", plan)
+            return None
+        columns = _request_columns(request, plan.used)
+        if columns is None:
+            logger.debug("Feast prepares this request: an unset join-key value")
+            return None
+        views = _cut_now(request.config, request.grouped_refs, plan.views)
+        data, present = self._store(request.config).online_features(plan.names, columns, views)
+        response = GetOnlineFeaturesResponse.FromString(data)
+        _finish(response, request, present, len(columns[0][1]))
+        return OnlineResponse(response, feature_types=dict(plan.feature_types))
+
     def read_views(self, request: ViewsRequest) -> bool:
         """Every feature view of a `get_online_features` request in one Rust call, the GIL
-        released once; the core encodes the response's `FeatureVector`s and one
-        `MergeFromString` appends them, so no `Value` object is made per cell. False (Feast's
-        per-view path serves the request) for shapes that path handles differently."""
-        plan = _plan_views(request)
-        if plan is None:
+        released once, for requests `read_request` leaves to Feast's preparation (on-demand
+        views, request data): the core encodes the response's `FeatureVector`s and one
+        `MergeFromString` appends them. False (Feast's per-view path serves the request) for
+        shapes that path handles differently."""
+        names = list(request.join_key_values)
+        plan = _plan_views(request, names)
+        if isinstance(plan, str):
+            _log_fallback(plan)
             return False
-        columns, views, names = plan
+        views, features, used = plan
+        columns = [list(map(_serialize, request.join_key_values[name])) for name in names]
+        if not _keyed_rows_set(columns, used):
+            _log_fallback("no rows, or an unset join-key value")
+            return False
+        views = _cut_now(request.config, request.grouped_refs, views)
         results, present = self._store(request.config).read_views(columns, views)
         response = request.response
-        response.metadata.feature_names.val.extend(names)
+        response.metadata.feature_names.val.extend(features)
         response.MergeFromString(results)
-        rows = len(columns[0])
-        for (table, requested), found in zip(request.grouped_refs, present, strict=True):
-            track_feature_statuses(table.name, found, len(requested) * rows - found)
-            if request.include_feature_view_version_metadata:
-                _add_version_metadata(response, table)
+        _finish(response, request, present, len(columns[0]))
         return True
 
     async def online_read_async(
@@ -309,67 +352,159 @@ class IcebergOnlineStore(ViewReadHooks):
 
 
 ViewPlan = tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]
+"""What `Store.read_views` reads of a view: its table, its join keys with the request column
+of each, the features asked for with whether each is a join key, and its TTL cut."""
 
 
 def _plan_views(
-    request: ViewsRequest,
-) -> tuple[list[list[bytes]], list[ViewPlan], list[str]] | None:
-    """The request's join-key columns (each value serialized once, however many views share
-    it), what `Store.read_views` reads of each view, and the response's feature names; None
-    for a shape Feast's own path handles: no views, an entityless view, a view the request
-    lacks some join key of, no rows, an unset join-key value (Feast raises its own errors)."""
-    columns: list[list[bytes]] = []
-    column_of: dict[int, int] = {}
+    request: OnlineRequest | ViewsRequest, columns: list[str]
+) -> tuple[list[ViewPlan], list[str], set[int]] | str:
+    """For a request whose join-key columns are named `columns`: what `Store.read_views` reads
+    of each view (no TTL cut yet: that moves with the clock), the response's feature names,
+    and the columns some view is keyed on. A string says why Feast's own path handles the
+    request instead: no views, an entityless view, a view the request lacks some join key
+    of."""
+    index_of = {name: i for i, name in enumerate(columns)}
+    name_to_key = request.entity_name_to_join_key_map
     views: list[ViewPlan] = []
     names: list[str] = []
+    used: set[int] = set()
     for table, requested in request.grouped_refs:
         entities = getattr(table, "entities", None)
         if not entities:
-            _log_fallback("an entityless view", table)
-            return None
-        key_values = table_entity_values(
-            table, request.entity_name_to_join_key_map, request.join_key_values
-        )
-        wanted_keys = {request.entity_name_to_join_key_map.get(e) for e in entities}
-        if key_values.keys() != wanted_keys:
-            _log_fallback("the request lacks some of its join keys", table)
-            return None
-        join_keys: list[tuple[str, int]] = []
-        for name, values in key_values.items():
-            # The lists are the request's own, shared by every view keyed on that column.
-            index = column_of.get(id(values))
-            if index is None:
-                serialized = list(map(_serialize, values))
-                if not serialized or b"" in serialized:
-                    _log_fallback("no rows, or an unset join-key value", table)
-                    return None
-                index = column_of[id(values)] = len(columns)
-                columns.append(serialized)
-            join_keys.append((name, index))
+            return f"an entityless view ({table.name})"
+        # The view's join keys, under the names its entity key uses (a projection may read
+        # them from other request columns), each with its column.
+        join_keys = table_entity_values(table, name_to_key, index_of)
+        if join_keys.keys() != {name_to_key.get(e) for e in entities}:
+            return f"the request lacks some of its join keys ({table.name})"
+        used.update(join_keys.values())
         view_keys = key_names(table)
         features = [(name, name in view_keys) for name in requested]
-        views.append(
-            (
-                table_name(request.config, table),
-                join_keys,
-                features,
-                _not_before(request.config, table),
-            )
-        )
+        views.append((table_name(request.config, table), list(join_keys.items()), features, None))
         prefix = f"{table.projection.name_to_use()}__" if request.full_feature_names else ""
         names.extend(prefix + name for name in requested)
     if not views:
-        _log_fallback("no feature views")
-        return None
-    return columns, views, names
+        return "no feature views"
+    return views, names, used
 
 
-def _log_fallback(reason: str, table: Any = None) -> None:
-    logger.debug(
-        "Feast's per-view read serves this request: %s (view %s)",
-        reason,
-        getattr(table, "name", None),
+class _RequestPlan:
+    """What every request of one shape (features, join-key columns, repo config) shares."""
+
+    def __init__(self, request: OnlineRequest) -> None:
+        columns = list(request.columns)
+        plan = _plan_views(request, columns)
+        if isinstance(plan, str):
+            raise _NotPlanned(plan)
+        self.views, features, self.used = plan
+        if not request.result_names.issuperset(features):
+            # Feast would drop some names from its response; its path decides which.
+            raise _NotPlanned("a feature name Feast drops from its response")
+        self.names = columns + features
+        self.feature_types = feature_types(request.grouped_refs)
+
+
+class _NotPlanned(Exception):
+    pass
+
+
+Plan = _RequestPlan | str
+"""A request shape's plan, or why Feast prepares requests of that shape."""
+
+
+class _RequestPlans:
+    """Plans per request shape. A plan is valid while Feast's cached resolution of the
+    request (`OnlineRequest.context`, replaced when the registry refreshes) and the repo
+    config are the very objects it was made for."""
+
+    MAX_SHAPES = 256
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int, tuple[str, ...]], tuple[object, RepoConfig, Plan]] = {}
+
+    def get(self, request: OnlineRequest) -> Plan:
+        key = (id(request.context), id(request.config), tuple(request.columns))
+        hit = self._plans.get(key)
+        if hit is not None and hit[0] is request.context and hit[1] is request.config:
+            return hit[2]
+        plan: Plan
+        try:
+            plan = _RequestPlan(request)
+        except _NotPlanned as e:
+            plan = str(e)
+        if len(self._plans) >= self.MAX_SHAPES:
+            # Shapes of registries long refreshed away; the live ones come straight back.
+            self._plans.clear()
+        self._plans[key] = (request.context, request.config, plan)
+        return plan
+
+
+# Join keys of these types whose values are all Python ints (in range) or strs go to the core
+# as they are: it encodes them as `python_values_to_proto_values` does, at a fraction of the cost.
+_INT_RANGES = {ValueType.INT64: (-(2**63), 2**63 - 1), ValueType.INT32: (-(2**31), 2**31 - 1)}
+
+
+def _is_raw(values: list[Any], value_type: ValueType) -> bool:
+    if value_type == ValueType.STRING:
+        return set(map(type, values)) == {str}
+    bounds = _INT_RANGES.get(value_type)
+    return (
+        bounds is not None
+        and set(map(type, values)) == {int}
+        and bounds[0] <= min(values)
+        and max(values) <= bounds[1]
     )
+
+
+def _request_columns(request: OnlineRequest, used: set[int]) -> list[tuple[int, list[Any]]] | None:
+    """The request's join-key columns for `Store.online_features` (see `_is_raw`; the others
+    as Feast converts them); None when a column some view is keyed on has an unset value."""
+    out: list[tuple[int, list[Any]]] = []
+    for i, (name, values) in enumerate(request.columns.items()):
+        value_type = request.entity_types.get(name, ValueType.UNKNOWN)
+        if _is_raw(values, value_type):
+            out.append((value_type.value, values))
+            continue
+        serialized = list(map(_serialize, entity_values_to_protos(values, value_type)))
+        if i in used and b"" in serialized:
+            return None
+        out.append((0, serialized))
+    return out
+
+
+def _keyed_rows_set(columns: list[list[bytes]], used: set[int]) -> bool:
+    """Whether there are rows, and every column some view is keyed on has a value in each."""
+    return bool(columns and columns[0]) and all(b"" not in columns[i] for i in used)
+
+
+def _cut_now(
+    config: RepoConfig, grouped_refs: list[tuple[Any, list[str]]], views: list[ViewPlan]
+) -> list[ViewPlan]:
+    """The views of a plan with their TTL cut as of now."""
+    online = config.online_store
+    if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
+        return views  # planned without a cut
+    return [
+        (name, join_keys, features, _not_before(config, table))
+        for (table, _), (name, join_keys, features, _) in zip(grouped_refs, views, strict=True)
+    ]
+
+
+def _finish(
+    response: Any, request: OnlineRequest | ViewsRequest, present: list[int], rows: int
+) -> None:
+    """What Feast's per-view path does besides the vectors: its per-view status counts, and
+    the views' version metadata when asked for."""
+    for (table, requested), found in zip(request.grouped_refs, present, strict=True):
+        track_feature_statuses(table.name, found, len(requested) * rows - found)
+    if request.include_feature_view_version_metadata:
+        for table, _ in request.grouped_refs:
+            _add_version_metadata(response, table)
+
+
+def _log_fallback(reason: str) -> None:
+    logger.debug("Feast's per-view read serves this request: %s", reason)
 
 
 def _add_version_metadata(response: Any, table: Any) -> None:

@@ -8,16 +8,19 @@ mod metrics;
 
 use std::sync::Arc;
 
+use prost::Message;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::config::StoreConfig;
 use crate::convert::{self, WriteInput};
 use crate::error::Result;
+use crate::proto::Value;
+use crate::proto::value::Val;
 use crate::read::Wanted;
 use crate::runtime;
 use crate::schema::ColumnSpec;
-use crate::store::{Store, ViewRead};
+use crate::store::{Store, ViewRead, ViewsOutput};
 use crate::write::WriteReport;
 
 /// Byte strings copied out of Python objects into one buffer, so the GIL can be released while
@@ -79,6 +82,55 @@ fn run<T: Send>(
 fn specs(cols: Vec<(String, i32)>) -> Vec<ColumnSpec> {
     cols.into_iter()
         .map(|(name, value_type)| ColumnSpec { name, value_type })
+        .collect()
+}
+
+fn view_reads(views: Vec<PyViewRead>) -> Vec<ViewRead> {
+    views
+        .into_iter()
+        .map(|(table, join_keys, features, not_before)| ViewRead {
+            table,
+            join_keys,
+            wanted: features
+                .into_iter()
+                .map(|(name, is_key)| {
+                    if is_key {
+                        Wanted::JoinKey(name)
+                    } else {
+                        Wanted::Feature(name)
+                    }
+                })
+                .collect(),
+            not_before,
+        })
+        .collect()
+}
+
+fn response_bytes<'py>(py: Python<'py>, out: &ViewsOutput) -> PyResult<Bound<'py, PyBytes>> {
+    PyBytes::new_with(py, out.len(), |buf| {
+        out.concat_into(buf);
+        Ok(())
+    })
+}
+
+/// One request column of `Store.online_features` as serialized `Value`s.
+fn request_values(kind: i32, items: &Bound<'_, PyList>) -> PyResult<Vec<Vec<u8>>> {
+    let scalar = |val: Val| Value { val: Some(val) }.encode_to_vec();
+    items
+        .iter()
+        .map(|item| {
+            Ok(match kind {
+                0 => item.cast::<PyBytes>()?.as_bytes().to_vec(),
+                2 => scalar(Val::StringVal(item.extract()?)),
+                3 => scalar(Val::Int32Val(item.extract()?)),
+                4 => scalar(Val::Int64Val(item.extract()?)),
+                _ => {
+                    return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                        "request column kind {kind} is not 0, 2, 3 or 4"
+                    )));
+                }
+            })
+        })
         .collect()
 }
 
@@ -292,26 +344,36 @@ impl PyStore {
         let blobs: Vec<Blobs> = join_columns.iter().map(|c| Blobs::from_py(c)).collect();
         drop(join_columns);
         let columns: Vec<Vec<&[u8]>> = blobs.iter().map(Blobs::slices).collect();
-        let views: Vec<ViewRead> = views
-            .into_iter()
-            .map(|(table, join_keys, features, not_before)| ViewRead {
-                table,
-                join_keys,
-                wanted: features
-                    .into_iter()
-                    .map(|(name, is_key)| {
-                        if is_key {
-                            Wanted::JoinKey(name)
-                        } else {
-                            Wanted::Feature(name)
-                        }
-                    })
-                    .collect(),
-                not_before,
-            })
-            .collect();
+        let views = view_reads(views);
         let out = run(py, self.core()?.read_views(&columns, &views))?;
-        Ok((PyBytes::new(py, &out.results), out.present))
+        Ok((response_bytes(py, &out)?, out.present))
+    }
+
+    /// A whole `get_online_features` answer in one call, the GIL released once: the serialized
+    /// `GetOnlineFeaturesResponse` (metadata listing `names`, one vector per request column,
+    /// then the views' as `read_views` makes them) and per view the count of PRESENT cells.
+    /// `columns` are the request's join-key columns as `(kind, values)`: kind 0, serialized
+    /// `Value`s; 2, 3 or 4 (Feast's STRING, INT32, INT64), Python `str`s or `int`s, encoded
+    /// here as Feast encodes them.
+    fn online_features<'py>(
+        &self,
+        py: Python<'py>,
+        names: Vec<String>,
+        columns: Vec<(i32, Bound<'py, PyList>)>,
+        views: Vec<PyViewRead>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<u64>)> {
+        let values: Vec<Vec<Vec<u8>>> = columns
+            .iter()
+            .map(|(kind, items)| request_values(*kind, items))
+            .collect::<PyResult<_>>()?;
+        drop(columns);
+        let columns: Vec<Vec<&[u8]>> = values
+            .iter()
+            .map(|c| c.iter().map(Vec::as_slice).collect())
+            .collect();
+        let views = view_reads(views);
+        let out = run(py, self.core()?.online_features(&names, &columns, &views))?;
+        Ok((response_bytes(py, &out)?, out.present))
     }
 
     fn stats<'py>(&self, py: Python<'py>, table: String) -> PyResult<Bound<'py, PyDict>> {

@@ -250,9 +250,17 @@ impl Block {
         )
     }
 
+    /// Writes the serialized Feast `Value` of table column `column` at `row` into `buf`
+    /// (cleared first; empty for null).
+    pub fn write_value(&self, buf: &mut Vec<u8>, column: &Column, row: usize) {
+        self.columns[column.index].write_value(buf, column.kind, row);
+    }
+
     /// The serialized Feast `Value` of table column `column` at `row` (empty for null).
     pub fn value(&self, column: &Column, row: usize) -> Vec<u8> {
-        self.columns[column.index].value(column.kind, row)
+        let mut buf = Vec::new();
+        self.write_value(&mut buf, column, row);
+        buf
     }
 
     fn row_at(&self, i: usize) -> usize {

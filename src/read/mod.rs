@@ -16,7 +16,6 @@ mod plain;
 mod response;
 mod warm;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -34,7 +33,7 @@ pub use deletes::{
 };
 pub use files::{DataFiles, Fill, Hit, load_whole_file, read_whole_parquet};
 pub use index::FileIndex;
-pub use response::{Wanted, push_feature_vectors};
+pub use response::{Wanted, push_feature_vectors, push_response_head};
 pub use warm::{WarmPlan, warm, warm_plan};
 
 use crate::error::{Error, Result};
@@ -116,6 +115,14 @@ fn requested<'a>(layout: &'a Layout, features: Option<&[String]>) -> Vec<&'a Col
     }
 }
 
+/// The keys of one request that fall in one bucket: their positions in the request, and the
+/// keys themselves.
+struct Run<'a> {
+    bucket: i32,
+    rows: &'a [usize],
+    keys: Vec<&'a [u8]>,
+}
+
 /// Each key's newest live row, aligned with the request (duplicates included). A row whose
 /// event timestamp is before `not_before` (micros; the feature view's TTL cut) counts as absent:
 /// an expired older row cannot stand in for it, since it is older still.
@@ -131,66 +138,63 @@ pub async fn find_rows(
     state.files.check_deletes_supported(&state.id)?;
     let bucket_of_key = buckets(serialized_keys, layout.buckets)?;
 
-    // The requested keys of each file the request touches; every file is read once,
-    // concurrently.
-    let mut keys_by_file: HashMap<&str, (&Arc<LiveFile>, Vec<&[u8]>)> = HashMap::new();
-    for (i, bucket) in bucket_of_key.iter().enumerate() {
-        for f in state.files.files_for_bucket(*bucket) {
-            keys_by_file
-                .entry(f.path())
-                .or_insert_with(|| (f, Vec::new()))
-                .1
-                .push(serialized_keys.value(i));
-        }
-    }
-    let needed: Vec<_> = keys_by_file.values().collect();
-    let requests: Vec<(&LiveFile, &[&[u8]])> = needed
-        .iter()
-        .map(|(f, keys)| (f.as_ref(), keys.as_slice()))
+    // The request's keys by bucket (a stable sort keeps request order within a bucket), then
+    // one lookup per file of each touched bucket; every lookup runs concurrently. Keys and
+    // files are addressed by position: hashing file paths per key was a visible share of a
+    // warm read.
+    let mut order: Vec<usize> = (0..bucket_of_key.len()).collect();
+    order.sort_by_key(|&i| bucket_of_key[i]);
+    let runs: Vec<Run<'_>> = order
+        .chunk_by(|a, b| bucket_of_key[*a] == bucket_of_key[*b])
+        .map(|rows| Run {
+            bucket: bucket_of_key[rows[0]],
+            rows,
+            keys: rows.iter().map(|&i| serialized_keys.value(i)).collect(),
+        })
         .collect();
-    let mut touched: Vec<i32> = bucket_of_key.clone();
-    touched.sort_unstable();
-    touched.dedup();
-    let (found, deletes) =
-        futures::future::try_join(
-            files.find_in(file_io, &requests, layout, io, Fill::Cache),
-            futures::future::try_join_all(touched.iter().map(|b| {
-                files.bucket_deletes(file_io, state.files.deletes_for_bucket(*b), &io.data)
-            })),
-        )
-        .await?;
-    let deletes: HashMap<i32, BucketDeletes> = touched.into_iter().zip(deletes).collect();
-    let mut hits: HashMap<(&str, &[u8]), Hit> = HashMap::new();
-    for ((f, keys), found) in needed.iter().zip(found) {
-        for (key, hit) in keys.iter().zip(found) {
-            if let Some(hit) = hit {
-                hits.insert((f.path(), *key), hit);
-            }
-        }
-    }
-
-    let newest = |i: usize, bucket: i32| {
-        let key = serialized_keys.value(i);
-        let bucket_deletes = &deletes[&bucket];
-        let mut best: Option<&Hit> = None;
-        for f in state.files.files_for_bucket(bucket) {
-            let Some(hit) = hits.get(&(f.path(), key)) else {
-                continue;
-            };
-            if bucket_deletes.is_deleted(f, hit.position()) {
-                continue;
-            }
-            if best.is_none_or(|b| hit.version >= b.version) {
-                best = Some(hit);
-            }
-        }
-        best.filter(|hit| not_before.is_none_or(|cut| hit.version.0 >= cut))
-            .cloned()
-    };
-    Ok(bucket_of_key
+    let lookups: Vec<(usize, &Arc<LiveFile>)> = runs
         .iter()
         .enumerate()
-        .map(|(i, bucket)| newest(i, *bucket))
+        .flat_map(|(r, run)| {
+            state
+                .files
+                .files_for_bucket(run.bucket)
+                .map(move |f| (r, f))
+        })
+        .collect();
+    let requests: Vec<(&LiveFile, &[&[u8]])> = lookups
+        .iter()
+        .map(|(r, f)| (f.as_ref(), runs[*r].keys.as_slice()))
+        .collect();
+    let (found, deletes) = futures::future::try_join(
+        files.find_in(file_io, &requests, layout, io, Fill::Cache),
+        futures::future::try_join_all(runs.iter().map(|run| {
+            files.bucket_deletes(
+                file_io,
+                state.files.deletes_for_bucket(run.bucket),
+                &io.data,
+            )
+        })),
+    )
+    .await?;
+
+    // A bucket's files in its order: of equal versions the later file's row wins.
+    let mut newest: Vec<Option<Hit>> = vec![None; bucket_of_key.len()];
+    for ((r, file), found) in lookups.iter().zip(found) {
+        let (run, bucket_deletes) = (runs[*r].rows, &deletes[*r]);
+        for (&i, hit) in run.iter().zip(found) {
+            let Some(hit) = hit else { continue };
+            if bucket_deletes.is_deleted(file, hit.position()) {
+                continue;
+            }
+            if newest[i].as_ref().is_none_or(|b| hit.version >= b.version) {
+                newest[i] = Some(hit);
+            }
+        }
+    }
+    Ok(newest
+        .into_iter()
+        .map(|hit| hit.filter(|hit| not_before.is_none_or(|cut| hit.version.0 >= cut)))
         .collect())
 }
 
@@ -207,6 +211,7 @@ pub fn encode_rows(
         event_ts: Vec::with_capacity(hits.len()),
         rows: Vec::with_capacity(hits.len()),
     };
+    let mut cell = Vec::new();
     for hit in hits {
         let Some(hit) = hit else {
             out.event_ts.push(None);
@@ -216,8 +221,8 @@ pub fn encode_rows(
         out.event_ts.push(Some(hit.version.0));
         let mut encoded = Vec::with_capacity(16 * columns.len());
         for c in &columns {
-            let value = hit.block.value(c, hit.row);
-            proto::push_repeated_value_item(&mut encoded, &value);
+            hit.block.write_value(&mut cell, c, hit.row);
+            proto::push_repeated_value_item(&mut encoded, &cell);
         }
         out.rows.push(Some(encoded));
     }

@@ -25,7 +25,7 @@ use parquet::file::serialized_reader::SerializedPageReader;
 use parquet::schema::types::ColumnDescriptor;
 
 use super::files::Fetched;
-use crate::convert::{ScalarRef, cell_to_value, scalar_value};
+use crate::convert::{ScalarRef, write_cell_value, write_scalar_value};
 use crate::error::{Error, Result};
 use crate::schema::ColumnKind;
 
@@ -43,12 +43,12 @@ pub enum Cells {
 }
 
 impl Cells {
-    /// The serialized Feast `Value` of `row` (empty for null).
-    pub fn value(&self, kind: ColumnKind, row: usize) -> Vec<u8> {
+    /// Writes the serialized Feast `Value` of `row` into `buf` (cleared first; empty for null).
+    pub fn write_value(&self, buf: &mut Vec<u8>, kind: ColumnKind, row: usize) {
         match self {
-            Self::Plain(c) => c.value(kind, row),
-            Self::Arrow(a) => cell_to_value(kind, a.as_ref(), row),
-            Self::Missing => Vec::new(),
+            Self::Plain(c) => c.write_value(buf, kind, row),
+            Self::Arrow(a) => write_cell_value(buf, kind, a.as_ref(), row),
+            Self::Missing => buf.clear(),
         }
     }
 
@@ -155,15 +155,16 @@ impl PlainColumn {
         }
     }
 
-    fn value(&self, kind: ColumnKind, row: usize) -> Vec<u8> {
+    fn write_value(&self, buf: &mut Vec<u8>, kind: ColumnKind, row: usize) {
+        buf.clear();
         let Some(i) = self.slot(row) else {
-            return Vec::new();
+            return;
         };
         match kind {
-            ColumnKind::Proto => self.bytes(i).to_vec(),
-            ColumnKind::Scalar(s) => scalar_value(s, self.scalar(i)),
+            ColumnKind::Proto => buf.extend_from_slice(self.bytes(i)),
+            ColumnKind::Scalar(s) => write_scalar_value(buf, s, self.scalar(i)),
             // Lists are nested columns: never plain.
-            ColumnKind::List(_) | ColumnKind::Set(_) => Vec::new(),
+            ColumnKind::List(_) | ColumnKind::Set(_) => {}
         }
     }
 

@@ -3,8 +3,6 @@
 //! appends to the response Feast is building: no `Value` object per cell, which at 5 views x
 //! 100 keys is what Python's garbage collector kept pausing reads for.
 
-use std::borrow::Cow;
-
 use super::Hit;
 use crate::proto::{push_len_field, push_varint_field};
 use crate::schema::Layout;
@@ -23,7 +21,11 @@ pub enum Wanted {
 const PRESENT: u8 = 1;
 const NOT_FOUND: u8 = 3;
 
-/// Field numbers: `GetOnlineFeaturesResponse.results`, and `FeatureVector`'s three lists.
+/// Field numbers: `GetOnlineFeaturesResponse.metadata` and `.results`, the metadata's
+/// `feature_names` (a `FeatureList` of `val` strings), and `FeatureVector`'s three lists.
+const METADATA: u32 = 1;
+const FEATURE_NAMES: u32 = 1;
+const NAMES: u32 = 1;
 const RESULTS: u32 = 2;
 const VALUES: u32 = 1;
 const STATUSES: u32 = 2;
@@ -42,6 +44,32 @@ fn timestamp(micros: i64) -> Vec<u8> {
     out
 }
 
+/// The start of a whole `GetOnlineFeaturesResponse`: its metadata, listing `names` (the
+/// request's join keys, then every feature of the response), and one `results` entry per
+/// request column, as Feast's `_populate_result_rows_from_columnar` makes them: the request's
+/// values, all PRESENT, each with an unset event timestamp.
+pub fn push_response_head(out: &mut Vec<u8>, names: &[String], columns: &[Vec<&[u8]>]) {
+    let mut list = Vec::new();
+    for name in names {
+        push_len_field(&mut list, NAMES, name.as_bytes());
+    }
+    let mut metadata = Vec::with_capacity(list.len() + 4);
+    push_len_field(&mut metadata, FEATURE_NAMES, &list);
+    push_len_field(out, METADATA, &metadata);
+    let mut vector = Vec::new();
+    for column in columns {
+        vector.clear();
+        for value in column {
+            push_len_field(&mut vector, VALUES, value);
+        }
+        push_len_field(&mut vector, STATUSES, &vec![PRESENT; column.len()]);
+        for _ in column {
+            push_len_field(&mut vector, EVENT_TIMESTAMPS, &[]);
+        }
+        push_len_field(out, RESULTS, &vector);
+    }
+}
+
 /// Appends one `results` entry per wanted feature, each covering every row of `hits` (the
 /// request's rows: a row not found, or expired, is NOT_FOUND with an unset value and an unset
 /// timestamp, as Feast's base path builds it). Returns how many cells are PRESENT, for Feast's
@@ -54,13 +82,18 @@ pub fn push_feature_vectors<'a>(
     wanted: &[Wanted],
     key_value: impl Fn(&str, usize) -> Option<&'a [u8]>,
 ) -> u64 {
-    let timestamps: Vec<Vec<u8>> = hits
-        .iter()
-        .map(|h| h.as_ref().map_or_else(Vec::new, |h| timestamp(h.version.0)))
-        .collect();
+    // Every vector of the view carries the same event timestamps: encoded once.
+    let mut timestamps = Vec::with_capacity(hits.len() * 14);
+    for hit in hits {
+        let ts = hit
+            .as_ref()
+            .map_or_else(Vec::new, |h| timestamp(h.version.0));
+        push_len_field(&mut timestamps, EVENT_TIMESTAMPS, &ts);
+    }
     let mut present = 0;
     let mut vector = Vec::new();
     let mut statuses = Vec::with_capacity(hits.len());
+    let mut cell = Vec::new();
     for w in wanted {
         vector.clear();
         statuses.clear();
@@ -69,22 +102,25 @@ pub fn push_feature_vectors<'a>(
             Wanted::JoinKey(_) => None,
         };
         for (row, hit) in hits.iter().enumerate() {
-            let value: Option<Cow<'_, [u8]>> = match (hit, w) {
-                (None, _) => None,
-                (Some(hit), Wanted::Feature(_)) => {
-                    column.map(|c| Cow::Owned(hit.block.value(c, hit.row)))
-                }
-                (Some(_), Wanted::JoinKey(name)) => key_value(name, row).map(Cow::Borrowed),
+            let found = match (hit, w) {
+                (None, _) => false,
+                (Some(hit), Wanted::Feature(_)) => column.is_some_and(|c| {
+                    hit.block.write_value(&mut cell, c, hit.row);
+                    true
+                }),
+                (Some(_), Wanted::JoinKey(name)) => key_value(name, row).is_some_and(|v| {
+                    cell.clear();
+                    cell.extend_from_slice(v);
+                    true
+                }),
             };
-            push_len_field(&mut vector, VALUES, value.as_deref().unwrap_or_default());
-            statuses.push(if value.is_some() { PRESENT } else { NOT_FOUND });
-            present += u64::from(value.is_some());
+            push_len_field(&mut vector, VALUES, if found { &cell } else { &[] });
+            statuses.push(if found { PRESENT } else { NOT_FOUND });
+            present += u64::from(found);
         }
         // Packed: every status is one byte, which is its varint.
         push_len_field(&mut vector, STATUSES, &statuses);
-        for ts in &timestamps {
-            push_len_field(&mut vector, EVENT_TIMESTAMPS, ts);
-        }
+        vector.extend_from_slice(&timestamps);
         push_len_field(out, RESULTS, &vector);
     }
     present
