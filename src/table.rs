@@ -1,14 +1,14 @@
 //! A loaded table: its metadata, column layout and live data files grouped by bucket.
 //! Everything here is immutable once built; a commit produces a new `TableState`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataContentType, DataFile, Literal, ManifestEntry, ManifestEntryRef, ManifestList,
-    ManifestStatus, PrimitiveLiteral, Snapshot, TableMetadata,
+    DataContentType, DataFile, Literal, ManifestEntry, ManifestEntryRef, ManifestFile,
+    ManifestList, ManifestStatus, PrimitiveLiteral, Snapshot, TableMetadata,
 };
 
 use crate::catalog::TableId;
@@ -24,6 +24,11 @@ pub struct LiveFile {
 }
 
 impl LiveFile {
+    pub fn new(entry: ManifestEntryRef) -> Self {
+        let bucket = bucket_of(&entry);
+        Self { entry, bucket }
+    }
+
     pub fn path(&self) -> &str {
         self.entry.file_path()
     }
@@ -35,12 +40,27 @@ impl LiveFile {
     }
 }
 
+/// One manifest of a snapshot's list: its list entry and its live files. Manifests are
+/// immutable and carried from snapshot to snapshot by reference, so a state loaded after
+/// another writer's commit reuses what it already knows of them instead of reading them again.
+#[derive(Debug)]
+pub struct Manifest {
+    pub file: ManifestFile,
+    pub live: Vec<Arc<LiveFile>>,
+}
+
+impl Manifest {
+    pub fn path(&self) -> &str {
+        &self.file.manifest_path
+    }
+}
+
 /// The files one snapshot references.
 #[derive(Debug, Default)]
 pub struct SnapshotFiles {
     pub snapshot_id: Option<i64>,
     pub manifest_list: Option<String>,
-    pub manifests: Vec<String>,
+    pub manifests: Vec<Arc<Manifest>>,
     pub data: Vec<Arc<LiveFile>>,
     by_bucket: HashMap<i32, Vec<Arc<LiveFile>>>,
     /// Files whose partition is not our bucket (written by another engine or layout): every
@@ -60,78 +80,89 @@ pub struct SnapshotFiles {
 }
 
 impl SnapshotFiles {
+    /// The files of `snapshot`. Manifests `known` already holds (a state loaded before) are
+    /// taken from it, not read again: only the manifests new since then are read.
     pub async fn load(
         file_io: &FileIO,
         md: &TableMetadata,
         snapshot: &Snapshot,
         io: &IoCounter,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let bytes = file_io.new_input(snapshot.manifest_list())?.read().await?;
         io.add(bytes.len());
         let list = ManifestList::parse_with_version(&bytes, md.format_version())?;
-        let mut out = Self {
-            snapshot_id: Some(snapshot.snapshot_id()),
-            manifest_list: Some(snapshot.manifest_list().to_string()),
-            ..Self::default()
-        };
-        for manifest_file in list.entries() {
-            out.manifests.push(manifest_file.manifest_path.clone());
-            let manifest = manifest_file.load_manifest(file_io).await?;
-            io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
-            for entry in manifest.entries() {
-                if entry.is_alive() {
-                    out.add(entry.clone());
+        let known: HashMap<&str, &Arc<Manifest>> = known
+            .map(|k| k.manifests.iter().map(|m| (m.path(), m)).collect())
+            .unwrap_or_default();
+        let reads = list.entries().iter().map(|manifest_file| {
+            let known = known.get(manifest_file.manifest_path.as_str()).copied();
+            async move {
+                // The same path is the same file; its entries inherit from the list entry.
+                if let Some(m) = known.filter(|m| same_listing(&m.file, manifest_file)) {
+                    return Ok::<_, Error>(m.clone());
                 }
+                let manifest = manifest_file.load_manifest(file_io).await?;
+                io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
+                let live = manifest
+                    .entries()
+                    .iter()
+                    .filter(|e| e.is_alive())
+                    .map(|e| Arc::new(LiveFile::new(e.clone())))
+                    .collect();
+                Ok(Arc::new(Manifest {
+                    file: manifest_file.clone(),
+                    live,
+                }))
             }
-        }
-        Ok(out)
+        });
+        let manifests = futures::future::try_join_all(reads).await?;
+        Ok(Self::of_manifests(
+            Some(snapshot.snapshot_id()),
+            Some(snapshot.manifest_list().to_string()),
+            manifests,
+        ))
     }
 
-    /// The files of a snapshot this process just wrote on top of `base` (which holds no
-    /// equality deletes: we never write to such tables): `base`'s live files
-    /// except `removed`, plus `added` (data and delete files) as entries of `snapshot_id` at
-    /// sequence number `seq`. Saves reading back the manifests just written.
-    pub fn after(
-        base: &SnapshotFiles,
-        snapshot_id: i64,
-        manifest_list: String,
-        manifests: Vec<String>,
-        seq: i64,
-        removed: &HashSet<&str>,
-        added: &[&DataFile],
+    /// The files of a snapshot whose manifests are known: their live files, filed by bucket.
+    pub fn of_manifests(
+        snapshot_id: Option<i64>,
+        manifest_list: Option<String>,
+        manifests: Vec<Arc<Manifest>>,
     ) -> Self {
         let mut out = Self {
-            snapshot_id: Some(snapshot_id),
-            manifest_list: Some(manifest_list),
-            manifests,
+            snapshot_id,
+            manifest_list,
             ..Self::default()
         };
-        for f in base.data.iter().chain(&base.deletes) {
-            if !removed.contains(f.path()) {
-                out.add(f.entry.clone());
+        for m in &manifests {
+            for f in &m.live {
+                out.add(f.clone());
             }
         }
-        for df in added {
-            out.add(Arc::new(
-                ManifestEntry::builder()
-                    .status(ManifestStatus::Added)
-                    .snapshot_id(snapshot_id)
-                    .sequence_number(seq)
-                    .file_sequence_number(seq)
-                    .data_file((*df).clone())
-                    .build(),
-            ));
-        }
+        out.manifests = manifests;
         out
     }
 
-    /// Files one live manifest entry to the lists it belongs in.
-    fn add(&mut self, entry: ManifestEntryRef) {
-        let bucket = bucket_of(&entry);
-        let content = entry.content_type();
-        let path = entry.file_path().to_string();
-        let file = Arc::new(LiveFile { entry, bucket });
-        match content {
+    /// A live manifest entry for a file a commit of ours adds in snapshot `snapshot_id` at
+    /// sequence number `seq` (what reading the manifest back would give).
+    pub fn added_entry(df: &DataFile, snapshot_id: i64, seq: i64) -> Arc<LiveFile> {
+        Arc::new(LiveFile::new(Arc::new(
+            ManifestEntry::builder()
+                .status(ManifestStatus::Added)
+                .snapshot_id(snapshot_id)
+                .sequence_number(seq)
+                .file_sequence_number(seq)
+                .data_file(df.clone())
+                .build(),
+        )))
+    }
+
+    /// Files one live file to the lists it belongs in.
+    fn add(&mut self, file: Arc<LiveFile>) {
+        let bucket = file.bucket;
+        let path = file.path().to_string();
+        match file.entry.content_type() {
             DataContentType::Data => {
                 match bucket {
                     Some(b) => self.by_bucket.entry(b).or_default().push(file.clone()),
@@ -222,6 +253,14 @@ impl SnapshotFiles {
     }
 }
 
+/// Whether two list entries name the same manifest with the same inherited values.
+fn same_listing(a: &ManifestFile, b: &ManifestFile) -> bool {
+    a.manifest_path == b.manifest_path
+        && a.manifest_length == b.manifest_length
+        && a.sequence_number == b.sequence_number
+        && a.added_snapshot_id == b.added_snapshot_id
+}
+
 fn bucket_of(entry: &ManifestEntryRef) -> Option<i32> {
     // Our spec has exactly one field, bucket[N](entity_key); anything else is "unbucketed".
     let fields = entry.data_file().partition().fields();
@@ -256,11 +295,13 @@ pub struct TableState {
 }
 
 impl TableState {
+    /// Loads a metadata version; manifests `known` holds are not read again.
     pub async fn load(
         file_io: &FileIO,
         io: &IoCounter,
         id: TableId,
         metadata_location: String,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let shown = id.to_string();
         let corrupt = |e: Error| match e {
@@ -279,6 +320,7 @@ impl TableState {
             id,
             metadata_location.clone(),
             Arc::new(metadata),
+            known,
         )
         .await
         .map_err(corrupt)
@@ -307,10 +349,11 @@ impl TableState {
         id: TableId,
         metadata_location: String,
         metadata: Arc<TableMetadata>,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let layout = Arc::new(Layout::from_metadata(&metadata)?);
         let files = match metadata.current_snapshot() {
-            Some(s) => SnapshotFiles::load(file_io, &metadata, s, io).await?,
+            Some(s) => SnapshotFiles::load(file_io, &metadata, s, io, known).await?,
             None => SnapshotFiles::default(),
         };
         Ok(Self {
