@@ -443,6 +443,10 @@ impl Catalog for SqlCatalog {
             .map(|l| l.map(CommitLock::new))
     }
 
+    fn locks_commits(&self) -> bool {
+        true
+    }
+
     async fn try_lock(&self, table: &TableId) -> Result<Option<Option<CommitLock>>> {
         let locked = match self.lock_file_of(table) {
             Some(path) => try_lock_file(&path)

@@ -534,10 +534,19 @@ pub async fn commit_buckets(
     planner: &mut dyn Planner,
 ) -> Result<Committed> {
     let attempts = store.config.commit_max_retries + 1;
-    let write_metadata = !store.catalog().await?.owns_metadata_files();
+    let catalog = store.catalog().await?;
+    let write_metadata = !catalog.owns_metadata_files();
+    // Under a commit lock, whatever landed since the plan is folded in before the commit
+    // (`catch_up`): the plan may start from the state this process last saw, if it is
+    // fresh, instead of asking the catalog twice. An optimistic commit plans on the newest.
+    let max_age = if catalog.locks_commits() {
+        store.config.metadata_refresh()
+    } else {
+        Duration::ZERO
+    };
     let mut t = Timings::default();
     let started = std::time::Instant::now();
-    let mut state = store.current(id, Duration::ZERO).await?;
+    let mut state = store.current(id, max_age).await?;
     t.state_us += micros(started);
     let mut planned_on = state.clone();
     let mut planned: BTreeMap<i32, BucketChange> = BTreeMap::new();
