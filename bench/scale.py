@@ -3,6 +3,7 @@
     python3 bench/scale.py                  # 100k, 1M and 10M entities; Feast's sqlite store at 1M
     python3 bench/scale.py --quick          # 100k entities (sqlite at 100k), a few minutes
     python3 bench/scale.py --sizes 1000000 --sqlite-size 0
+    python3 bench/scale.py --s3 --sizes 1000000    # feast-iceberg on REST + S3 (SeaweedFS)
 
 Per size, feast-iceberg is loaded through the Arrow engine's core call (`write_arrow`, what
 `IcebergArrowEngine` hands Feast's offline result to) in windows of 1M rows, one commit per
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,10 @@ def arrow_rows(first: int, n: int, round_: int, base: datetime) -> pa.Table:
     return pa.table(columns)
 
 
+def iceberg_store(s3: bool) -> str:
+    return "iceberg-rest-s3" if s3 else "iceberg"
+
+
 def repo_for(store: str, root: Path) -> Path:
     from feast import FeatureStore
 
@@ -132,9 +138,15 @@ def load_iceberg(root: Path, n: int, base: datetime) -> dict[str, Any]:
     report = write_arrow(core, table, update)
     inc_s = time.perf_counter() - t0
     stats = core.stats(table)
-    files = [p for p in (root / "data" / "iceberg_warehouse").rglob("*.parquet")]
-    sample = pq.read_table(max(files, key=lambda p: p.stat().st_size))
-    decoded = sample.nbytes / max(sample.num_rows, 1) * n
+    files = list((root / "data" / "iceberg_warehouse").rglob("*.parquet"))
+    if files:
+        sample = pq.read_table(max(files, key=lambda p: p.stat().st_size))
+        decoded = sample.nbytes / max(sample.num_rows, 1) * n
+    else:
+        # A remote warehouse: the offline rows plus the entity-key column the table adds
+        # (about the size of the key's proto, and a 64-bit offset).
+        key_bytes = len(workload.entity_key(workload.FIRST_ID).SerializeToString()) + 8
+        decoded = (rows.nbytes / max(rows.num_rows, 1) + key_bytes) * n
     return {
         "load_seconds": total,
         "window_rows_per_s": windows,
@@ -309,8 +321,8 @@ def writer_main(spec: dict[str, Any]) -> None:
 # ---- the run -----------------------------------------------------------------------------
 
 
-def bench_size(n: int, root: Path, base: datetime, quick: bool) -> dict[str, Any]:
-    repo = repo_for("iceberg", root / f"iceberg-{n}")
+def bench_size(n: int, root: Path, base: datetime, quick: bool, s3: bool) -> dict[str, Any]:
+    repo = repo_for(iceberg_store(s3), root / f"iceberg-{n}")
     print(f"[{n:,}] loading feast-iceberg ...", file=sys.stderr, flush=True)
     load = load_iceberg(repo, n, base)
     iters = dict(iters_1=300 if quick else 2000, iters_100=100 if quick else 500, warmup=20)
@@ -409,6 +421,9 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--sqlite-size", type=int)
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument(
+        "--s3", action="store_true", help="feast-iceberg on REST + S3 (SeaweedFS, started here)"
+    )
     parser.add_argument("--reader", help=argparse.SUPPRESS)
     parser.add_argument("--writer", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -426,9 +441,15 @@ def main() -> int:
     base -= timedelta(days=1)
     root = Path(tempfile.mkdtemp(prefix="feast-iceberg-scale-"))
     results: dict[str, Any] = {"sizes": {}, "started": time.time()}
+    servers_up = ExitStack()
     try:
+        if args.s3 and stores.REST_S3_ENV not in os.environ:
+            from run import seaweed_for_bench
+
+            servers_up.enter_context(seaweed_for_bench())
+        results["store"] = iceberg_store(args.s3)
         for n in sizes:
-            results["sizes"][f"{n:,}"] = bench_size(n, root, base, args.quick)
+            results["sizes"][f"{n:,}"] = bench_size(n, root, base, args.quick, args.s3)
             shutil.rmtree(root / f"iceberg-{n}", ignore_errors=True)
         if sqlite_size:
             results["sqlite"] = {
@@ -436,6 +457,7 @@ def main() -> int:
                 **bench_sqlite(sqlite_size, root, base, args.quick),
             }
     finally:
+        servers_up.close()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     out_dir = BENCH / "results"

@@ -633,18 +633,53 @@ macro_rules! list_values {
     }};
 }
 
-fn scalar_cell(s: Scalar, array: &dyn Array, row: usize) -> Val {
+/// One stored scalar, wherever it was decoded from (an Arrow array or a page read in place).
+#[derive(Debug, Clone, Copy)]
+pub enum ScalarRef<'a> {
+    Bytes(&'a [u8]),
+    Int32(i32),
+    Int64(i64),
+    Float(f32),
+    Double(f64),
+    Bool(bool),
+}
+
+/// The `Val` of a stored scalar of Feast kind `s` (None if the stored type does not fit it).
+fn scalar_val(s: Scalar, v: ScalarRef<'_>) -> Option<Val> {
+    Some(match (s, v) {
+        (Scalar::Bytes, ScalarRef::Bytes(b)) => Val::BytesVal(b.to_vec()),
+        (Scalar::String, ScalarRef::Bytes(b)) => {
+            Val::StringVal(String::from_utf8_lossy(b).into_owned())
+        }
+        (Scalar::Int32, ScalarRef::Int32(x)) => Val::Int32Val(x),
+        (Scalar::Int64, ScalarRef::Int64(x)) => Val::Int64Val(x),
+        (Scalar::Double, ScalarRef::Double(x)) => Val::DoubleVal(x),
+        (Scalar::Float, ScalarRef::Float(x)) => Val::FloatVal(x),
+        (Scalar::Bool, ScalarRef::Bool(x)) => Val::BoolVal(x),
+        (Scalar::UnixTimestamp, ScalarRef::Int64(micros)) => {
+            Val::UnixTimestampVal(micros_to_seconds(micros))
+        }
+        _ => return None,
+    })
+}
+
+/// The serialized `Value` of a stored scalar of Feast kind `s`.
+pub fn scalar_value(s: Scalar, v: ScalarRef<'_>) -> Vec<u8> {
+    scalar_val(s, v).map(encode).unwrap_or_default()
+}
+
+fn scalar_ref(s: Scalar, array: &dyn Array, row: usize) -> ScalarRef<'_> {
     match s {
-        Scalar::Bytes => Val::BytesVal(array.as_binary::<i64>().value(row).to_vec()),
-        Scalar::String => Val::StringVal(array.as_string::<i32>().value(row).to_string()),
-        Scalar::Int32 => Val::Int32Val(array.as_primitive::<Int32Type>().value(row)),
-        Scalar::Int64 => Val::Int64Val(array.as_primitive::<Int64Type>().value(row)),
-        Scalar::Double => Val::DoubleVal(array.as_primitive::<Float64Type>().value(row)),
-        Scalar::Float => Val::FloatVal(array.as_primitive::<Float32Type>().value(row)),
-        Scalar::Bool => Val::BoolVal(array.as_boolean().value(row)),
-        Scalar::UnixTimestamp => Val::UnixTimestampVal(micros_to_seconds(
-            array.as_primitive::<TimestampMicrosecondType>().value(row),
-        )),
+        Scalar::Bytes => ScalarRef::Bytes(array.as_binary::<i64>().value(row)),
+        Scalar::String => ScalarRef::Bytes(array.as_string::<i32>().value(row).as_bytes()),
+        Scalar::Int32 => ScalarRef::Int32(array.as_primitive::<Int32Type>().value(row)),
+        Scalar::Int64 => ScalarRef::Int64(array.as_primitive::<Int64Type>().value(row)),
+        Scalar::Double => ScalarRef::Double(array.as_primitive::<Float64Type>().value(row)),
+        Scalar::Float => ScalarRef::Float(array.as_primitive::<Float32Type>().value(row)),
+        Scalar::Bool => ScalarRef::Bool(array.as_boolean().value(row)),
+        Scalar::UnixTimestamp => {
+            ScalarRef::Int64(array.as_primitive::<TimestampMicrosecondType>().value(row))
+        }
     }
 }
 
@@ -760,7 +795,7 @@ pub fn cell_to_value(kind: ColumnKind, array: &dyn Array, row: usize) -> Vec<u8>
     }
     match kind {
         ColumnKind::Proto => array.as_binary::<i64>().value(row).to_vec(),
-        ColumnKind::Scalar(s) => encode(scalar_cell(s, array, row)),
+        ColumnKind::Scalar(s) => scalar_value(s, scalar_ref(s, array, row)),
         ColumnKind::List(s) => encode(list_cell(s, false, &array.as_list::<i32>().value(row))),
         ColumnKind::Set(s) => encode(list_cell(s, true, &array.as_list::<i32>().value(row))),
     }

@@ -9,6 +9,12 @@
 //! storage a read needs a worker to see its response). Reads hand their decodes to
 //! [`blocking`]; writes hand theirs to [`cpu`], at most one job per core, so that a write of
 //! many buckets cannot crowd the cores (or the pool) that reads decode on.
+//!
+//! Work that must yield the cores to reads (a write's CPU-heavy steps, the background
+//! preparation of a new snapshot) runs on the threads of a second, background runtime, at a
+//! lower OS priority (nice +10 on Linux): a feature server that also takes pushes, or a
+//! materialization sharing its machine, then slows reads down far less, while on an idle
+//! machine that work runs as fast as before.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -22,6 +28,7 @@ type PerProcess<T> = Mutex<Option<(u32, Arc<T>)>>;
 
 static RUNTIME: PerProcess<Runtime> = Mutex::new(None);
 static CPU_SLOTS: PerProcess<Semaphore> = Mutex::new(None);
+static BACKGROUND: PerProcess<Runtime> = Mutex::new(None);
 
 /// The value of `slot` for this process: made on first use and again after every fork.
 fn per_process<T>(slot: &PerProcess<T>, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
@@ -70,8 +77,46 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
     tokio::task::spawn_blocking(f).await.map_err(join_error)
 }
 
-/// Runs the CPU-heavy `f` of a write on the blocking pool, once one of the process's slots
-/// (one per core) is free.
+/// Lowers the calling thread's OS priority. On Linux a thread has its own nice value; other
+/// systems would lower the whole process, so there the thread keeps its priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        unsafe extern "C" {
+            fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+        }
+        // PRIO_PROCESS (0) for `who` 0 is the calling thread on Linux. Best effort: a
+        // failure leaves the thread at its priority.
+        // SAFETY: a plain libc call with no pointers.
+        unsafe {
+            setpriority(0, 0, 10);
+        }
+    }
+}
+
+/// The background runtime: its threads (the blocking pool included) run at low priority.
+fn background() -> Result<Arc<Runtime>> {
+    per_process(&BACKGROUND, || {
+        Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("feast-iceberg-bg")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("cannot start background runtime: {e}")))
+    })
+}
+
+/// Runs `f` on a low-priority thread, now: background work that yields the cores to reads
+/// (preparing a new snapshot for them).
+pub async fn background_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T> {
+    background()?.spawn_blocking(f).await.map_err(join_error)
+}
+
+/// Runs the CPU-heavy `f` of a write on a low-priority thread, once one of the process's
+/// slots (one per core) is free.
 pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     let slots = per_process(&CPU_SLOTS, || {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
@@ -81,7 +126,7 @@ pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> R
         .acquire()
         .await
         .map_err(|e| Error::internal(format!("cpu slots closed: {e}")))?;
-    blocking(f).await
+    background_blocking(f).await
 }
 
 /// [`cpu`] for work that is CPU-bound but written as a future (Parquet encoding inside
@@ -199,5 +244,27 @@ mod tests {
             offloaded < Duration::from_millis(150),
             "timers waited {offloaded:?} behind cpu jobs"
         );
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn writes_and_background_work_run_below_reads() {
+        fn nice() -> i32 {
+            // Field 19 of /proc/thread-self/stat, counted after the command's closing paren.
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            after.split(' ').nth(16).unwrap().parse().unwrap()
+        }
+        let (read, write, prepare) = block_on(async {
+            let read = blocking(nice).await.unwrap();
+            let write = cpu(nice).await.unwrap();
+            let prepare = background_blocking(nice).await.unwrap();
+            (read, write, prepare)
+        })
+        .unwrap();
+        assert_eq!(read, nice());
+        // Nice values stop at 19.
+        assert_eq!(write, (read + 10).min(19));
+        assert_eq!(prepare, (read + 10).min(19));
     }
 }

@@ -146,7 +146,15 @@ impl FileIndex {
     /// Our writer puts every bloom filter right before the footer, so the whole index is one
     /// read from the end of the file, sized from the row count. Files of other writers whose
     /// filters lie spread over the file are indexed by key range alone.
-    pub async fn load(reader: CountingReader, path: &str, size: u64, rows: u64) -> Result<Self> {
+    ///
+    /// `background`: preparing a new snapshot, whose CPU work yields to requests.
+    pub async fn load(
+        reader: CountingReader,
+        path: &str,
+        size: u64,
+        rows: u64,
+        background: bool,
+    ) -> Result<Self> {
         let row_groups = rows.div_ceil(crate::schema::ROW_GROUP_ROWS as u64);
         let guess = row_groups
             .saturating_mul(TAIL_BYTES_PER_ROW_GROUP)
@@ -166,9 +174,15 @@ impl FileIndex {
             .ok_or_else(|| Error::corrupt(path, "footer longer than the file"))?;
         tail.extend_back(&reader, footer_start).await?;
         let from = usize::try_from(footer_start - tail.offset).unwrap_or(usize::MAX);
-        let meta = ParquetMetaDataReader::decode_metadata(
-            &tail.bytes[from..tail.bytes.len() - FOOTER_SIZE],
-        )?;
+        // Decoding a footer is CPU work (a file of 1,000 row groups takes milliseconds):
+        // never on the async workers, and below reads when it prepares a new snapshot.
+        let footer = tail.bytes.slice(from..tail.bytes.len() - FOOTER_SIZE);
+        let decode = move || ParquetMetaDataReader::decode_metadata(&footer);
+        let meta = if background {
+            crate::runtime::background_blocking(decode).await??
+        } else {
+            crate::runtime::blocking(decode).await??
+        };
         let column = key_column(&meta, path)?;
         let ranges = bloom_ranges(&meta, column);
         // Filters written together before the footer are worth one more read if the guess
@@ -179,17 +193,25 @@ impl FileIndex {
         {
             tail.extend_back(&reader, first).await?;
         }
-        let mut filters = Vec::with_capacity(ranges.len());
-        for (rg, range) in ranges.iter().enumerate() {
-            let filter = match range {
-                Some(r) if tail.holds(r.start, r.end - r.start) => {
-                    Sbbf::read_from_column_chunk(meta.row_group(rg).column(column), &tail)?
-                }
-                _ => None,
-            };
-            filters.push(filter);
+        let path = path.to_string();
+        let index = move || {
+            let mut filters = Vec::with_capacity(ranges.len());
+            for (rg, range) in ranges.iter().enumerate() {
+                let filter = match range {
+                    Some(r) if tail.holds(r.start, r.end - r.start) => {
+                        Sbbf::read_from_column_chunk(meta.row_group(rg).column(column), &tail)?
+                    }
+                    _ => None,
+                };
+                filters.push(filter);
+            }
+            Self::new(&path, Arc::new(meta), filters)
+        };
+        if background {
+            crate::runtime::background_blocking(index).await?
+        } else {
+            crate::runtime::blocking(index).await?
         }
-        Self::new(path, Arc::new(meta), filters)
     }
 
     /// Indexes a footer; `filters` are the key column's bloom filters per row group (None

@@ -12,6 +12,7 @@ mod cache;
 mod deletes;
 mod files;
 mod index;
+mod plain;
 mod response;
 mod warm;
 
@@ -36,7 +37,6 @@ pub use index::FileIndex;
 pub use response::{Wanted, push_feature_vectors};
 pub use warm::{WarmPlan, warm, warm_plan};
 
-use crate::convert::cell_to_value;
 use crate::error::{Error, Result};
 use crate::proto;
 use crate::schema::{Column, Layout};
@@ -144,16 +144,16 @@ pub async fn find_rows(
         }
     }
     let needed: Vec<_> = keys_by_file.values().collect();
+    let requests: Vec<(&LiveFile, &[&[u8]])> = needed
+        .iter()
+        .map(|(f, keys)| (f.as_ref(), keys.as_slice()))
+        .collect();
     let mut touched: Vec<i32> = bucket_of_key.clone();
     touched.sort_unstable();
     touched.dedup();
     let (found, deletes) =
         futures::future::try_join(
-            futures::future::try_join_all(
-                needed
-                    .iter()
-                    .map(|(f, keys)| files.find(file_io, f, keys, layout, io, Fill::Cache)),
-            ),
+            files.find_in(file_io, &requests, layout, io, Fill::Cache),
             futures::future::try_join_all(touched.iter().map(|b| {
                 files.bucket_deletes(file_io, state.files.deletes_for_bucket(*b), &io.data)
             })),
@@ -216,7 +216,7 @@ pub fn encode_rows(
         out.event_ts.push(Some(hit.version.0));
         let mut encoded = Vec::with_capacity(16 * columns.len());
         for c in &columns {
-            let value = cell_to_value(c.kind, hit.block.batch.column(c.index), hit.row);
+            let value = hit.block.value(c, hit.row);
             proto::push_repeated_value_item(&mut encoded, &value);
         }
         out.rows.push(Some(encoded));

@@ -6,7 +6,6 @@
 use std::borrow::Cow;
 
 use super::Hit;
-use crate::convert::cell_to_value;
 use crate::proto::{push_len_field, push_varint_field};
 use crate::schema::Layout;
 
@@ -72,13 +71,9 @@ pub fn push_feature_vectors<'a>(
         for (row, hit) in hits.iter().enumerate() {
             let value: Option<Cow<'_, [u8]>> = match (hit, w) {
                 (None, _) => None,
-                (Some(hit), Wanted::Feature(_)) => column.map(|c| {
-                    Cow::Owned(cell_to_value(
-                        c.kind,
-                        hit.block.batch.column(c.index),
-                        hit.row,
-                    ))
-                }),
+                (Some(hit), Wanted::Feature(_)) => {
+                    column.map(|c| Cow::Owned(hit.block.value(c, hit.row)))
+                }
                 (Some(_), Wanted::JoinKey(name)) => key_value(name, row).map(Cow::Borrowed),
             };
             push_len_field(&mut vector, VALUES, value.as_deref().unwrap_or_default());

@@ -269,11 +269,14 @@ async fn merge_on_read(
     let layout = &state.layout;
     let keys = keys_of(incoming, layout)?;
     let wanted: Vec<&[u8]> = rows.iter().map(|&r| keys.value(r)).collect();
-    let found = futures::future::try_join_all(files.iter().map(|f| {
-        io.cache
-            .find(&io.file_io, f, &wanted, layout, &io.stats, Fill::Cache)
-    }))
-    .await?;
+    let requests: Vec<(&LiveFile, &[&[u8]])> = files
+        .iter()
+        .map(|f| (f.as_ref(), wanted.as_slice()))
+        .collect();
+    let found = io
+        .cache
+        .find_in(&io.file_io, &requests, layout, &io.stats, Fill::Versions)
+        .await?;
     let mut stored: HashMap<&[u8], Vec<StoredRow>> = HashMap::new();
     for (f, hits) in files.iter().zip(found) {
         for (key, hit) in wanted.iter().zip(hits) {
