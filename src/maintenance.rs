@@ -126,11 +126,11 @@ impl Store {
         uris.extend(md.metadata_log().iter().map(|l| l.metadata_file.clone()));
         for s in md.snapshots() {
             let files = self
-                .snapshot_files(md, s.snapshot_id())
+                .snapshot_files(md, s.snapshot_id(), Some(&state.files))
                 .await?
                 .ok_or_else(|| Error::internal("snapshot vanished from its own metadata"))?;
             uris.extend(files.manifest_list.iter().cloned());
-            uris.extend(files.manifests.iter().cloned());
+            uris.extend(files.manifests.iter().map(|m| m.path().to_string()));
             uris.extend(files.data.iter().map(|f| f.path().to_string()));
             uris.extend(files.delete_paths.iter().cloned());
         }

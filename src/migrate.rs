@@ -149,7 +149,9 @@ impl Store {
             return Ok(report);
         }
         let files = match metadata.current_snapshot() {
-            Some(s) => SnapshotFiles::load(&self.file_io, &metadata, s, &self.io.metadata).await?,
+            Some(s) => {
+                SnapshotFiles::load(&self.file_io, &metadata, s, &self.io.metadata, None).await?
+            }
             None => SnapshotFiles::default(),
         };
         if files.delete_files > 0 {

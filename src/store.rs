@@ -340,6 +340,7 @@ impl Store {
             self.forget(id);
             return Err(Error::TableNotFound(id.to_string()));
         };
+        let known = cached.as_ref().map(|s| s.files.clone());
         let state = match (cached, loaded.metadata) {
             (Some(s), _) if s.metadata_location == loaded.location => Arc::new(TableState {
                 id: s.id.clone(),
@@ -358,6 +359,7 @@ impl Store {
                     id.clone(),
                     loaded.location,
                     Arc::from(metadata),
+                    known.as_deref(),
                 )
                 .await
                 {
@@ -369,7 +371,7 @@ impl Store {
                     Err(Error::FileNotFound(detail)) => {
                         match self.catalog().await?.metadata_location(id).await? {
                             Some(now) if now != location => {
-                                Arc::new(self.load_state(id, now).await?)
+                                Arc::new(self.load_state(id, now, known.as_deref()).await?)
                             }
                             Some(_) => return Err(Error::corrupt(id, detail)),
                             None => return Err(Error::TableNotFound(id.to_string())),
@@ -378,7 +380,10 @@ impl Store {
                     Err(e) => return Err(e.in_table(id)),
                 }
             }
-            (_, None) => Arc::new(self.load_state(id, loaded.location).await?),
+            (_, None) => Arc::new(
+                self.load_state(id, loaded.location, known.as_deref())
+                    .await?,
+            ),
         };
         self.remember_snapshot(&state);
         Ok(state)
@@ -387,13 +392,19 @@ impl Store {
     /// Loads a metadata version. If it (or a manifest it names) vanished between the catalog
     /// lookup and the read, another writer replaced and expired it: load the one the catalog
     /// names now, a few times at most while writers keep committing.
-    async fn load_state(&self, id: &TableId, mut location: String) -> Result<TableState> {
+    async fn load_state(
+        &self,
+        id: &TableId,
+        mut location: String,
+        known: Option<&SnapshotFiles>,
+    ) -> Result<TableState> {
         for _ in 0..8 {
             match TableState::load(
                 &self.file_io,
                 &self.io.metadata,
                 id.clone(),
                 location.clone(),
+                known,
             )
             .await
             {
@@ -418,10 +429,12 @@ impl Store {
         }
     }
 
+    /// The files of snapshot `snapshot_id` of `md`; manifests `known` holds are not read.
     pub(crate) async fn snapshot_files(
         &self,
         md: &TableMetadata,
         snapshot_id: i64,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Option<Arc<SnapshotFiles>>> {
         let Some(snapshot) = md.snapshot_by_id(snapshot_id) else {
             return Ok(None);
@@ -429,8 +442,9 @@ impl Store {
         if let Some(hit) = lock(&self.snapshots).get(snapshot.manifest_list()) {
             return Ok(Some(hit.clone()));
         }
-        let files =
-            Arc::new(SnapshotFiles::load(&self.file_io, md, snapshot, &self.io.metadata).await?);
+        let files = Arc::new(
+            SnapshotFiles::load(&self.file_io, md, snapshot, &self.io.metadata, known).await?,
+        );
         lock(&self.snapshots).insert(snapshot.manifest_list().to_string(), files.clone());
         Ok(Some(files))
     }
@@ -453,6 +467,8 @@ impl Store {
         loaded: Loaded,
         files: Option<Arc<SnapshotFiles>>,
     ) -> Result<Arc<TableState>> {
+        // What the last state of the table knew of its manifests.
+        let known = self.cached(id).map(|s| s.files.clone());
         let state = match (loaded.metadata, files) {
             (Some(metadata), Some(files)) => Arc::new(TableState::with_files(
                 id.clone(),
@@ -467,10 +483,14 @@ impl Store {
                     id.clone(),
                     loaded.location,
                     Arc::from(metadata),
+                    known.as_deref(),
                 )
                 .await?,
             ),
-            (None, _) => Arc::new(self.load_state(id, loaded.location).await?),
+            (None, _) => Arc::new(
+                self.load_state(id, loaded.location, known.as_deref())
+                    .await?,
+            ),
         };
         self.remember_snapshot(&state);
         self.install(state.clone());
@@ -505,10 +525,13 @@ impl Store {
         if !expired.is_empty() {
             let mut doomed: HashSet<String> = HashSet::new();
             for id in expired {
-                match self.snapshot_files(&before.metadata, *id).await {
+                match self
+                    .snapshot_files(&before.metadata, *id, Some(&before.files))
+                    .await
+                {
                     Ok(Some(files)) => {
                         doomed.extend(files.manifest_list.iter().cloned());
-                        doomed.extend(files.manifests.iter().cloned());
+                        doomed.extend(files.manifests.iter().map(|m| m.path().to_string()));
                         doomed.extend(files.data.iter().map(|f| f.path().to_string()));
                         doomed.extend(files.delete_paths.iter().cloned());
                     }
@@ -520,13 +543,16 @@ impl Store {
                 }
             }
             for s in after.metadata.snapshots() {
-                match self.snapshot_files(&after.metadata, s.snapshot_id()).await {
+                match self
+                    .snapshot_files(&after.metadata, s.snapshot_id(), Some(&after.files))
+                    .await
+                {
                     Ok(Some(files)) => {
                         for p in files
                             .manifest_list
                             .iter()
-                            .chain(&files.manifests)
                             .map(String::as_str)
+                            .chain(files.manifests.iter().map(|m| m.path()))
                             .chain(files.data.iter().map(|f| f.path()))
                             .chain(files.delete_paths.iter().map(String::as_str))
                         {

@@ -1,14 +1,14 @@
 //! A loaded table: its metadata, column layout and live data files grouped by bucket.
 //! Everything here is immutable once built; a commit produces a new `TableState`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use iceberg::io::FileIO;
 use iceberg::spec::{
-    DataContentType, DataFile, Literal, ManifestEntry, ManifestEntryRef, ManifestList,
-    ManifestStatus, PrimitiveLiteral, Snapshot, TableMetadata,
+    DataContentType, DataFile, Literal, ManifestEntry, ManifestEntryRef, ManifestFile,
+    ManifestList, ManifestStatus, PrimitiveLiteral, Snapshot, TableMetadata,
 };
 
 use crate::catalog::TableId;
@@ -28,6 +28,16 @@ pub struct LiveFile {
 }
 
 impl LiveFile {
+    /// A live file written in spec `spec_id`, for a table whose bucket spec is `bucket_spec`.
+    pub fn new(entry: ManifestEntryRef, spec_id: i32, bucket_spec: Option<i32>) -> Self {
+        let bucket = bucket_of(&entry).filter(|_| bucket_spec == Some(spec_id));
+        Self {
+            entry,
+            spec_id,
+            bucket,
+        }
+    }
+
     pub fn path(&self) -> &str {
         self.entry.file_path()
     }
@@ -36,6 +46,66 @@ impl LiveFile {
     /// above its own.
     pub fn sequence_number(&self) -> i64 {
         self.entry.sequence_number().unwrap_or(0)
+    }
+}
+
+/// One manifest of a snapshot's list: its list entry and its live files. Manifests are
+/// immutable and carried from snapshot to snapshot by reference, so a state loaded after
+/// another writer's commit reuses what it already knows of them instead of reading them again.
+#[derive(Debug)]
+pub struct Manifest {
+    pub file: ManifestFile,
+    pub live: Vec<Arc<LiveFile>>,
+    /// The table's bucket spec its live files were filed for (see `LiveFile::bucket`).
+    bucket_spec: Option<i32>,
+}
+
+impl Manifest {
+    /// A manifest's live `entries`, filed for a table whose bucket spec is `bucket_spec`.
+    pub fn new(
+        file: ManifestFile,
+        entries: impl IntoIterator<Item = ManifestEntryRef>,
+        bucket_spec: Option<i32>,
+    ) -> Self {
+        let spec_id = file.partition_spec_id;
+        let live = entries
+            .into_iter()
+            .map(|e| Arc::new(LiveFile::new(e, spec_id, bucket_spec)))
+            .collect();
+        Self {
+            file,
+            live,
+            bucket_spec,
+        }
+    }
+
+    /// A manifest whose live files are already filed for `bucket_spec` (carried from the
+    /// snapshot they were loaded with).
+    pub fn of_files(
+        file: ManifestFile,
+        live: Vec<Arc<LiveFile>>,
+        bucket_spec: Option<i32>,
+    ) -> Self {
+        Self {
+            file,
+            live,
+            bucket_spec,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        &self.file.manifest_path
+    }
+
+    /// This manifest filed for a table whose bucket spec is `bucket_spec`: itself, unless a
+    /// re-bucketing changed whether its spec is the table's bucket spec.
+    fn filed_for(self: &Arc<Self>, bucket_spec: Option<i32>) -> Arc<Self> {
+        let spec = Some(self.file.partition_spec_id);
+        if (self.bucket_spec == spec) == (bucket_spec == spec) {
+            return self.clone();
+        }
+        let entries = self.live.iter().map(|f| f.entry.clone());
+        Arc::new(Self::new(self.file.clone(), entries, bucket_spec))
     }
 }
 
@@ -48,7 +118,7 @@ pub struct SnapshotFiles {
     bucket_spec: Option<i32>,
     pub snapshot_id: Option<i64>,
     pub manifest_list: Option<String>,
-    pub manifests: Vec<String>,
+    pub manifests: Vec<Arc<Manifest>>,
     pub data: Vec<Arc<LiveFile>>,
     by_bucket: HashMap<i32, Vec<Arc<LiveFile>>>,
     /// Files whose partition is not our bucket (written by another engine or layout): every
@@ -68,81 +138,100 @@ pub struct SnapshotFiles {
 }
 
 impl SnapshotFiles {
+    /// The files of `snapshot`. Manifests `known` already holds (a state loaded before) are
+    /// taken from it, not read again: only the manifests new since then are read.
     pub async fn load(
         file_io: &FileIO,
         md: &TableMetadata,
         snapshot: &Snapshot,
         io: &IoCounter,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let bytes = file_io.new_input(snapshot.manifest_list())?.read().await?;
         io.add(bytes.len());
         let list = ManifestList::parse_with_version(&bytes, md.format_version())?;
-        let mut out = Self {
-            bucket_spec: bucket_spec_id(md),
-            snapshot_id: Some(snapshot.snapshot_id()),
-            manifest_list: Some(snapshot.manifest_list().to_string()),
-            ..Self::default()
-        };
-        for manifest_file in list.entries() {
-            out.manifests.push(manifest_file.manifest_path.clone());
-            let manifest = manifest_file.load_manifest(file_io).await?;
-            io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
-            for entry in manifest.entries() {
-                if entry.is_alive() {
-                    out.add(entry.clone(), manifest_file.partition_spec_id);
+        let bucket_spec = bucket_spec_id(md);
+        let known: HashMap<&str, &Arc<Manifest>> = known
+            .map(|k| k.manifests.iter().map(|m| (m.path(), m)).collect())
+            .unwrap_or_default();
+        let reads = list.entries().iter().map(|manifest_file| {
+            let known = known.get(manifest_file.manifest_path.as_str()).copied();
+            async move {
+                // The same path is the same file; its entries inherit from the list entry.
+                if let Some(m) = known.filter(|m| same_listing(&m.file, manifest_file)) {
+                    return Ok::<_, Error>(m.filed_for(bucket_spec));
                 }
+                let manifest = manifest_file.load_manifest(file_io).await?;
+                io.add(usize::try_from(manifest_file.manifest_length).unwrap_or(0));
+                let live = manifest.entries().iter().filter(|e| e.is_alive()).cloned();
+                Ok(Arc::new(Manifest::new(
+                    manifest_file.clone(),
+                    live,
+                    bucket_spec,
+                )))
             }
-        }
-        Ok(out)
+        });
+        let manifests = futures::future::try_join_all(reads).await?;
+        Ok(Self::of_manifests(
+            md,
+            Some(snapshot.snapshot_id()),
+            Some(snapshot.manifest_list().to_string()),
+            manifests,
+        ))
     }
 
-    /// The files of a snapshot this process just wrote on top of `base` (which holds no
-    /// equality deletes: we never write to such tables), `md` being the table's metadata with
-    /// it: `base`'s live files except `removed`, plus `added` (data and delete files, written
-    /// in `md`'s default spec). Saves reading back the manifests just written.
-    pub fn after(
-        base: &SnapshotFiles,
+    /// The files of a snapshot whose manifests are known: their live files, filed by bucket.
+    /// `md`: the table's metadata with the snapshot. Files written in its current bucket
+    /// spec are filed by bucket; a re-bucketed table's files of an older spec, or files other
+    /// engines wrote, would answer for other keys and are consulted by every lookup.
+    pub fn of_manifests(
         md: &TableMetadata,
-        snapshot: NewSnapshot,
-        removed: &HashSet<&str>,
-        added: &[&DataFile],
+        snapshot_id: Option<i64>,
+        manifest_list: Option<String>,
+        manifests: Vec<Arc<Manifest>>,
     ) -> Self {
+        let bucket_spec = bucket_spec_id(md);
         let mut out = Self {
-            bucket_spec: bucket_spec_id(md),
-            snapshot_id: Some(snapshot.snapshot_id),
-            manifest_list: Some(snapshot.manifest_list),
-            manifests: snapshot.manifests,
+            bucket_spec,
+            snapshot_id,
+            manifest_list,
             ..Self::default()
         };
-        for f in base.data.iter().chain(&base.deletes) {
-            if !removed.contains(f.path()) {
-                out.add(f.entry.clone(), f.spec_id);
+        let manifests: Vec<Arc<Manifest>> =
+            manifests.iter().map(|m| m.filed_for(bucket_spec)).collect();
+        for m in &manifests {
+            for f in &m.live {
+                out.add(f.clone());
             }
         }
-        for df in added {
-            let entry = ManifestEntry::builder()
-                .status(ManifestStatus::Added)
-                .snapshot_id(snapshot.snapshot_id)
-                .sequence_number(snapshot.seq)
-                .file_sequence_number(snapshot.seq)
-                .data_file((*df).clone())
-                .build();
-            out.add(Arc::new(entry), md.default_partition_spec_id());
-        }
+        out.manifests = manifests;
         out
     }
 
-    /// Files one live manifest entry (written in spec `spec_id`) to the lists it belongs in.
-    fn add(&mut self, entry: ManifestEntryRef, spec_id: i32) {
-        let bucket = bucket_of(&entry).filter(|_| self.bucket_spec == Some(spec_id));
-        let content = entry.content_type();
-        let path = entry.file_path().to_string();
-        let file = Arc::new(LiveFile {
-            entry,
-            spec_id,
-            bucket,
-        });
-        match content {
+    /// The table's bucket spec these files are filed for.
+    pub fn bucket_spec(&self) -> Option<i32> {
+        self.bucket_spec
+    }
+
+    /// The live manifest entry of a file a commit of ours adds in snapshot `snapshot_id` at
+    /// sequence number `seq` (what reading the manifest back would give).
+    pub fn added_entry(df: &DataFile, snapshot_id: i64, seq: i64) -> ManifestEntryRef {
+        Arc::new(
+            ManifestEntry::builder()
+                .status(ManifestStatus::Added)
+                .snapshot_id(snapshot_id)
+                .sequence_number(seq)
+                .file_sequence_number(seq)
+                .data_file(df.clone())
+                .build(),
+        )
+    }
+
+    /// Files one live file to the lists it belongs in.
+    fn add(&mut self, file: Arc<LiveFile>) {
+        let bucket = file.bucket;
+        let path = file.path().to_string();
+        match file.entry.content_type() {
             DataContentType::Data => {
                 match bucket {
                     Some(b) => self.by_bucket.entry(b).or_default().push(file.clone()),
@@ -233,18 +322,17 @@ impl SnapshotFiles {
     }
 }
 
-/// A snapshot a commit of ours adds: what `SnapshotFiles::after` needs of it.
-pub struct NewSnapshot {
-    pub snapshot_id: i64,
-    pub manifest_list: String,
-    pub manifests: Vec<String>,
-    /// Its sequence number.
-    pub seq: i64,
+/// The id of the table's current spec when it is ours, `bucket[N](entity_key)`.
+pub fn bucket_spec_id(md: &TableMetadata) -> Option<i32> {
+    crate::schema::spec_buckets(md).map(|_| md.default_partition_spec_id())
 }
 
-/// The id of the table's current spec when it is ours, `bucket[N](entity_key)`.
-fn bucket_spec_id(md: &TableMetadata) -> Option<i32> {
-    crate::schema::spec_buckets(md).map(|_| md.default_partition_spec_id())
+/// Whether two list entries name the same manifest with the same inherited values.
+fn same_listing(a: &ManifestFile, b: &ManifestFile) -> bool {
+    a.manifest_path == b.manifest_path
+        && a.manifest_length == b.manifest_length
+        && a.sequence_number == b.sequence_number
+        && a.added_snapshot_id == b.added_snapshot_id
 }
 
 fn bucket_of(entry: &ManifestEntryRef) -> Option<i32> {
@@ -281,11 +369,13 @@ pub struct TableState {
 }
 
 impl TableState {
+    /// Loads a metadata version; manifests `known` holds are not read again.
     pub async fn load(
         file_io: &FileIO,
         io: &IoCounter,
         id: TableId,
         metadata_location: String,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let shown = id.to_string();
         let corrupt = |e: Error| match e {
@@ -304,6 +394,7 @@ impl TableState {
             id,
             metadata_location.clone(),
             Arc::new(metadata),
+            known,
         )
         .await
         .map_err(corrupt)
@@ -332,10 +423,11 @@ impl TableState {
         id: TableId,
         metadata_location: String,
         metadata: Arc<TableMetadata>,
+        known: Option<&SnapshotFiles>,
     ) -> Result<Self> {
         let layout = Arc::new(Layout::from_metadata(&metadata)?);
         let files = match metadata.current_snapshot() {
-            Some(s) => SnapshotFiles::load(file_io, &metadata, s, io).await?,
+            Some(s) => SnapshotFiles::load(file_io, &metadata, s, io, known).await?,
             None => SnapshotFiles::default(),
         };
         Ok(Self {
@@ -405,13 +497,30 @@ mod tests {
             .unwrap()
     }
 
-    fn snapshot(id: i64) -> NewSnapshot {
-        NewSnapshot {
-            snapshot_id: id,
-            manifest_list: format!("memory://t/snap-{id}.avro"),
-            manifests: Vec::new(),
-            seq: id,
-        }
+    /// A manifest of spec `spec_id` listing `files` as added in snapshot `id`.
+    fn manifest(md: &TableMetadata, spec_id: i32, id: i64, files: &[&DataFile]) -> Arc<Manifest> {
+        let file = ManifestFile {
+            manifest_path: format!("memory://t/m{id}.avro"),
+            manifest_length: 1,
+            partition_spec_id: spec_id,
+            content: iceberg::spec::ManifestContentType::Data,
+            sequence_number: id,
+            min_sequence_number: id,
+            added_snapshot_id: id,
+            added_files_count: None,
+            existing_files_count: None,
+            deleted_files_count: None,
+            added_rows_count: None,
+            existing_rows_count: None,
+            deleted_rows_count: None,
+            partitions: None,
+            key_metadata: None,
+            first_row_id: None,
+        };
+        let entries = files
+            .iter()
+            .map(|df| SnapshotFiles::added_entry(df, id, id));
+        Arc::new(Manifest::new(file, entries, bucket_spec_id(md)))
     }
 
     fn paths<'a>(files: impl Iterator<Item = &'a Arc<LiveFile>>) -> Vec<&'a str> {
@@ -425,14 +534,10 @@ mod tests {
         let old = metadata(&[4]);
         assert_eq!(spec_buckets(&old), Some(4));
         let (a, b) = (data_file("a", 1), data_file("b", 3));
-        let none = HashSet::new();
-        let base = SnapshotFiles::after(
-            &SnapshotFiles::default(),
-            &old,
-            snapshot(1),
-            &none,
-            &[&a, &b],
-        );
+        let old_spec = old.default_partition_spec_id();
+        let m1 = manifest(&old, old_spec, 1, &[&a]);
+        let m2 = manifest(&old, old_spec, 2, &[&b]);
+        let base = SnapshotFiles::of_manifests(&old, Some(2), None, vec![m1.clone(), m2]);
         assert_eq!(paths(base.files_for_bucket(1)), ["a"]);
         assert_eq!(base.unbucketed_count(), 0);
 
@@ -445,7 +550,9 @@ mod tests {
             old.default_partition_spec_id()
         );
         let c = data_file("c", 5);
-        let after = SnapshotFiles::after(&base, &new, snapshot(2), &HashSet::from(["b"]), &[&c]);
+        let m3 = manifest(&new, new.default_partition_spec_id(), 3, &[&c]);
+        // The old spec's manifest is carried by reference, as a commit carries it.
+        let after = SnapshotFiles::of_manifests(&new, Some(3), None, vec![m3, m1]);
         assert_eq!(after.unbucketed_count(), 1);
         assert_eq!(paths(after.files_for_bucket(5)), ["a", "c"]);
         assert_eq!(paths(after.files_for_bucket(1)), ["a"]);

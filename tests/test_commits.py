@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import random
 import re
 import signal
 import threading
@@ -23,6 +24,9 @@ from feast_iceberg import InvalidInputError, _internal
 from feast_iceberg.online_store import table_name
 
 pytestmark = pytest.mark.backends
+
+# Manifests of one kind (data, deletes) a snapshot lists at most (src/commit/snapshot.rs).
+MAX_MANIFESTS = 16
 
 
 def keys_by_bucket(env: Env, view: Any, count: int) -> dict[int, list[int]]:
@@ -151,6 +155,58 @@ def test_a_stale_plan_rebases_onto_a_disjoint_commit(env: Env) -> None:
     got = env.read(view, [driver_key(i) for i in mine + theirs])
     want = [expected_values(i, 2) for i in mine] + [expected_values(i, 3) for i in theirs]
     assert [{k: plain(v) for k, v in f.items()} for _, f in got if f] == want
+
+
+def test_pushes_share_manifests_and_every_engine_reads_one_row_per_key(make_env: Any) -> None:
+    """A push writes one manifest of its own files, rewrites only the manifests listing a file
+    it replaces, and carries the others by reference; past MAX_MANIFESTS of a kind they are
+    folded into one. Through all of it PyIceberg (and DuckDB, on local warehouses) read one
+    row per key with the newest values, and expiry deletes exactly the manifests no live
+    snapshot lists."""
+    # Two runs per bucket at most: pushes also merge runs, so manifests get rewritten.
+    env = make_env(merge_on_read_max_files=2)
+    view = driver_view()
+    env.apply(view)
+    keys = 600
+    env.write(view, [driver_row(i, 0) for i in range(keys)])
+    model = {i: 0 for i in range(keys)}
+    rng = random.Random(11)
+    carried = removed = 0
+    for push in range(1, 41):
+        pushed = rng.sample(range(keys), 2)
+        env.write(view, [driver_row(i, push) for i in pushed])
+        model |= {i: push for i in pushed}
+        table = env.pyiceberg_table(view)
+        snapshot = table.current_snapshot()
+        manifests = snapshot.manifests(table.io)
+        for kind in {m.content for m in manifests}:
+            assert sum(m.content == kind for m in manifests) <= MAX_MANIFESTS, manifests
+        # Every manifest the snapshot lists is there (expiry deleted none of them).
+        assert all(table.io.new_input(m.manifest_path).exists() for m in manifests)
+        carried += sum(m.added_snapshot_id != snapshot.snapshot_id for m in manifests)
+        removed += int(snapshot.summary.get("deleted-data-files") or 0)
+    assert carried > 0, "no manifest was carried by reference"
+    assert removed > 0, "no push replaced a data file"
+    arrow = env.pyiceberg_table(view).scan(selected_fields=("driver_id", "trips")).to_arrow()
+    got = dict(
+        zip(arrow.column("driver_id").to_pylist(), arrow.column("trips").to_pylist(), strict=True)
+    )
+    assert arrow.num_rows == keys
+    assert got == {i: expected_values(i, v)["trips"] for i, v in model.items()}
+    env.stats(view)  # load the current state for the reads below
+    read = env.read(view, [driver_key(i) for i in range(keys)])
+    assert [f["trips"].int64_val for _, f in read if f] == [got[i] for i in range(keys)]
+    if "://" in str(env.config.online_store.warehouse):
+        return
+    from test_interop import duckdb_with_iceberg
+
+    location = env.pyiceberg_table(view).metadata_location
+    rows = duckdb_with_iceberg().execute(f"SELECT driver_id, trips FROM iceberg_scan('{location}')")
+    assert dict(rows.fetchall()) == got
+    # Nothing unreferenced stays behind: manifests no live snapshot lists were deleted.
+    store = env.store._store(env.config)
+    orphans = store.remove_orphans(table_name(env.config, view), 0.0, True)
+    assert orphans["paths"] == [], orphans
 
 
 def versioned_writer(

@@ -105,6 +105,16 @@ pub trait Catalog: Send + Sync + Debug {
     async fn lock(&self, _table: &TableId) -> Result<Option<CommitLock>> {
         Ok(None)
     }
+    /// Whether `lock` takes a lock (commits of this store then never race each other).
+    fn locks_commits(&self) -> bool {
+        false
+    }
+    /// The table's commit lock if it is free now (`Ok(None)`: taken by another writer);
+    /// `Ok(Some(None))` when the catalog has none. A writer that must wait starts its slow
+    /// work (syncing its files) first.
+    async fn try_lock(&self, table: &TableId) -> Result<Option<Option<CommitLock>>> {
+        self.lock(table).await.map(Some)
+    }
     /// Ends `lock` without committing.
     async fn unlock(&self, _lock: CommitLock) {}
     /// Why `swap` cannot work on this catalog, or None if it can. Migration asks before it

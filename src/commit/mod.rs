@@ -16,7 +16,7 @@
 
 mod snapshot;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,7 @@ use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::DataFile;
 
-pub use snapshot::{Changes, PreparedCommit, prepare};
+pub use snapshot::{Changes, MAX_MANIFESTS, NewManifests, PreparedCommit, prepare};
 
 use crate::catalog::{CommitLock, CommitOutcome, TableId};
 use crate::error::{Error, Result};
@@ -100,6 +100,23 @@ async fn commit_uncounted(
 /// Waits for the catalog's commit lock of the table (None: optimistic commits only).
 async fn lock(store: &Store, id: &TableId) -> Result<Option<CommitLock>> {
     store.catalog().await?.lock(id).await
+}
+
+/// The table's commit lock: taken at once if free, else `while_waiting` runs first and the
+/// lock is waited for.
+async fn lock_or(
+    store: &Store,
+    id: &TableId,
+    while_waiting: impl FnOnce(),
+) -> Result<Option<CommitLock>> {
+    let catalog = store.catalog().await?;
+    match catalog.try_lock(id).await? {
+        Some(held) => Ok(held),
+        None => {
+            while_waiting();
+            catalog.lock(id).await
+        }
+    }
 }
 
 /// Ends a commit lock that no commit ended.
@@ -187,8 +204,12 @@ pub async fn metadata_commit<T>(
                 Step::Done(answer) => return Ok(Err(answer)),
                 Step::Commit(changes, answer) => (changes, answer),
             };
-            let prepared = prepare(&store.file_io, &state, changes).await?;
-            crate::storage::sync_files(prepared.written.iter().cloned()).await?;
+            let write_metadata = !store.catalog().await?.owns_metadata_files();
+            let prepared = prepare(&store.file_io, &state, changes, None, write_metadata).await?;
+            if let Err(e) = crate::storage::sync_files(prepared.written.iter().cloned()).await {
+                delete_quietly(&store.file_io, id, &prepared.written).await;
+                return Err(e);
+            }
             Ok(Ok((state, prepared, answer)))
         };
         let (state, prepared, answer) = match planned.await {
@@ -421,9 +442,86 @@ fn take_stale(
     buckets.iter().filter_map(|b| planned.remove(b)).collect()
 }
 
-/// Under a commit lock: reloads the table and, if it moved since `state`, drops the changes
-/// that no longer fit and plans them again (their files deleted unless `keep_files`). Returns the new state and how many buckets were
-/// planned again, or None if nothing moved.
+/// Makes files durable before the catalog points at them. The syncs of what a writer wrote
+/// before the commit lock (data and delete files, the manifests of the added files) start
+/// then and run while it waits for the lock and prepares; only what is written under the
+/// lock (manifest list, metadata.json) is synced there, in the same wait.
+#[derive(Default)]
+struct Durable {
+    /// Synced, or being synced by `pending`.
+    started: HashSet<String>,
+    pending: Vec<tokio::task::JoinHandle<Result<()>>>,
+}
+
+impl Durable {
+    fn start(&mut self, paths: impl IntoIterator<Item = String>) {
+        let fresh: Vec<String> = paths
+            .into_iter()
+            .filter(|p| self.started.insert(p.clone()))
+            .collect();
+        if !fresh.is_empty() {
+            self.pending
+                .push(tokio::spawn(crate::storage::sync_files(fresh)));
+        }
+    }
+
+    /// Returns once `paths` and every path started before are durable.
+    async fn wait(&mut self, paths: impl IntoIterator<Item = String>) -> Result<()> {
+        self.start(paths);
+        let mut failed = None;
+        for task in std::mem::take(&mut self.pending) {
+            let done = task
+                .await
+                .map_err(|e| Error::internal(format!("sync task failed: {e}")))
+                .and_then(|synced| synced);
+            if let Err(e) = done {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+/// The data and delete files `planned` adds.
+fn added_files(planned: &BTreeMap<i32, BucketChange>) -> (Vec<DataFile>, Vec<DataFile>) {
+    let added = planned.values().flat_map(|c| c.added.iter().cloned());
+    let deletes = planned
+        .values()
+        .flat_map(|c| c.added_deletes.iter().cloned());
+    (added.collect(), deletes.collect())
+}
+
+/// Makes `ahead` the manifests of the files `planned` adds on top of `state`: kept if they
+/// still fit, else written again (the stale ones deleted unless `keep`).
+async fn manifests_ahead(
+    store: &Store,
+    state: &TableState,
+    planned: &BTreeMap<i32, BucketChange>,
+    ahead: &mut Option<NewManifests>,
+    keep: bool,
+) -> Result<()> {
+    let (added, deletes) = added_files(planned);
+    if ahead
+        .as_ref()
+        .is_some_and(|a| a.fit(&state.metadata, &added, &deletes))
+    {
+        return Ok(());
+    }
+    if let Some(stale) = ahead.take()
+        && !keep
+    {
+        delete_quietly(&store.file_io, &state.id, &stale.paths).await;
+    }
+    if !added.is_empty() || !deletes.is_empty() {
+        *ahead =
+            Some(NewManifests::write(&store.file_io, &state.metadata, &added, &deletes).await?);
+    }
+    Ok(())
+}
+
+/// Under a commit lock: reloads the table and, if it moved since `state`, takes out of
+/// `planned` the changes that no longer fit it. Returns the new state and those changes, or
+/// None if nothing moved.
 async fn catch_up(
     store: &Store,
     id: &TableId,
@@ -431,23 +529,21 @@ async fn catch_up(
     planned: &mut BTreeMap<i32, BucketChange>,
     planned_on: &TableState,
     state: &TableState,
-    keep_files: bool,
-) -> Result<Option<(Arc<TableState>, usize)>> {
+) -> Result<Option<(Arc<TableState>, Vec<BucketChange>)>> {
     let now = store.current(id, Duration::ZERO).await?;
     if now.metadata_location == state.metadata_location {
         return Ok(None);
     }
     let stale = take_stale(planner, planned, planned_on, &now);
-    let n = stale.len();
-    if n > 0 {
-        let fresh = planner.plan(&now, Some(&stale)).await;
-        if !keep_files {
-            let paths: Vec<String> = stale.iter().flat_map(BucketChange::written_paths).collect();
-            delete_quietly(&store.file_io, id, &paths).await;
-        }
-        planned.extend(fresh?.into_iter().map(|c| (c.bucket, c)));
-    }
-    Ok(Some((now, n)))
+    Ok(Some((now, stale)))
+}
+
+/// How a commit attempt under way ended early.
+enum Attempt {
+    /// The files of the state it planned on are gone (another writer committed and expired
+    /// them): plan these changes again on a newer state.
+    Replan(Vec<BucketChange>),
+    Failed(Error),
 }
 
 /// Plans on the current table, commits one snapshot, and on a conflict rebases: buckets the
@@ -459,9 +555,19 @@ pub async fn commit_buckets(
     planner: &mut dyn Planner,
 ) -> Result<Committed> {
     let attempts = store.config.commit_max_retries + 1;
+    let catalog = store.catalog().await?;
+    let write_metadata = !catalog.owns_metadata_files();
+    // Under a commit lock, whatever landed since the plan is folded in before the commit
+    // (`catch_up`): the plan may start from the state this process last saw, if it is
+    // fresh, instead of asking the catalog twice. An optimistic commit plans on the newest.
+    let max_age = if catalog.locks_commits() {
+        store.config.metadata_refresh()
+    } else {
+        Duration::ZERO
+    };
     let mut t = Timings::default();
     let started = std::time::Instant::now();
-    let mut state = store.current(id, Duration::ZERO).await?;
+    let mut state = store.current(id, max_age).await?;
     t.state_us += micros(started);
     let mut planned_on = state.clone();
     let mut planned: BTreeMap<i32, BucketChange> = BTreeMap::new();
@@ -471,17 +577,21 @@ pub async fn commit_buckets(
     let mut must_plan = true;
     let mut replanned = 0;
     let mut rebases = 0;
+    // The manifests of the files `planned` adds, written before the lock.
+    let mut ahead: Option<NewManifests> = None;
+    let mut durable = Durable::default();
     // Once an attempt's outcome is unknown, the catalog may yet commit it, files and all: from
     // then on nothing planned before is deleted (orphans at worst).
     let mut keep_files = false;
     let mut unknown = None;
-    let discard = |changes: Vec<BucketChange>, keep: bool| {
+    let discard = |changes: Vec<BucketChange>, ahead: Option<NewManifests>, keep: bool| {
         let paths: Vec<String> = if keep {
             Vec::new()
         } else {
             changes
                 .iter()
                 .flat_map(BucketChange::written_paths)
+                .chain(ahead.into_iter().flat_map(|a| a.paths))
                 .collect()
         };
         async move { delete_quietly(&store.file_io, id, &paths).await }
@@ -495,7 +605,7 @@ pub async fn commit_buckets(
             match planned_now {
                 Ok(fresh) => {
                     planned.extend(fresh.into_iter().map(|c| (c.bucket, c)));
-                    discard(want.take().unwrap_or_default(), keep_files).await;
+                    discard(want.take().unwrap_or_default(), None, keep_files).await;
                     planned_on = state.clone();
                     must_plan = false;
                     // Changes planned elsewhere (staged by tasks) may already be stale:
@@ -515,7 +625,7 @@ pub async fn commit_buckets(
                     if now.metadata_location == state.metadata_location {
                         let mut all: Vec<BucketChange> = planned.into_values().collect();
                         all.extend(want.unwrap_or_default());
-                        discard(all, keep_files).await;
+                        discard(all, ahead, keep_files).await;
                         return Err(Error::corrupt(id, detail));
                     }
                     state = now;
@@ -523,7 +633,7 @@ pub async fn commit_buckets(
                     if let Some(w) = &mut want {
                         w.extend(dropped);
                     } else {
-                        discard(dropped, keep_files).await;
+                        discard(dropped, None, keep_files).await;
                     }
                     if attempt >= attempts {
                         break;
@@ -534,7 +644,7 @@ pub async fn commit_buckets(
                 Err(e) => {
                     let mut all: Vec<BucketChange> = planned.into_values().collect();
                     all.extend(want.unwrap_or_default());
-                    discard(all, keep_files).await;
+                    discard(all, ahead, keep_files).await;
                     return Err(e.in_table(id));
                 }
             }
@@ -549,80 +659,125 @@ pub async fn commit_buckets(
                 timings,
             };
         if !planned.values().any(BucketChange::changes_files) {
+            discard(Vec::new(), ahead, keep_files).await;
             return Ok(nothing(planned, replanned, rebases, t));
         }
+        // Before the lock: the manifests of the added files. If the lock is taken, the syncs
+        // of everything written so far start now and run while this writer waits; if it is
+        // free, they wait for the files written under it, so that all of them share one
+        // file system journal commit rather than two in a row.
         let started = std::time::Instant::now();
-        let held = match lock(store, id).await {
+        if let Err(e) = manifests_ahead(store, &planned_on, &planned, &mut ahead, keep_files).await
+        {
+            discard(planned.into_values().collect(), ahead, keep_files).await;
+            return Err(e.in_table(id));
+        }
+        t.prepare_us += micros(started);
+        let started = std::time::Instant::now();
+        let early = planned
+            .values()
+            .flat_map(BucketChange::written_paths)
+            .chain(ahead.iter().flat_map(|a| a.paths.iter().cloned()));
+        let held = match lock_or(store, id, || durable.start(early)).await {
             Ok(held) => held,
             Err(e) => {
-                discard(planned.into_values().collect(), keep_files).await;
+                discard(planned.into_values().collect(), ahead, keep_files).await;
                 return Err(e.in_table(id));
             }
         };
         t.catalog_us += micros(started);
-        if held.is_some() {
-            // Under the lock no writer of this protocol commits: whatever landed since the
-            // plan is folded in now (rebase, or a re-plan of the buckets it touched) rather
-            // than found by a failed swap.
-            let started = std::time::Instant::now();
-            let caught_up = catch_up(
-                store,
-                id,
-                planner,
-                &mut planned,
-                &planned_on,
-                &state,
-                keep_files,
-            )
-            .await;
-            t.state_us += micros(started);
-            match caught_up {
-                Ok(None) => {}
-                Ok(Some((now, n))) => {
-                    replanned += n;
+        let locked = held.is_some();
+        let under_lock = async {
+            if locked {
+                // Under the lock no writer of this protocol commits: whatever landed since
+                // the plan is folded in now (rebase, or a re-plan of the buckets it touched)
+                // rather than found by a failed swap.
+                let started = std::time::Instant::now();
+                let caught_up =
+                    catch_up(store, id, planner, &mut planned, &planned_on, &state).await;
+                t.state_us += micros(started);
+                if let Some((now, stale)) = caught_up.map_err(Attempt::Failed)? {
+                    let started = std::time::Instant::now();
+                    let fresh = planner.plan(&now, Some(&stale)).await;
+                    t.plan_us += micros(started);
+                    let fresh = match fresh {
+                        Ok(fresh) => fresh,
+                        Err(Error::FileNotFound(_)) => {
+                            state = now;
+                            return Err(Attempt::Replan(stale));
+                        }
+                        Err(e) => {
+                            discard(stale, None, keep_files).await;
+                            return Err(Attempt::Failed(e));
+                        }
+                    };
+                    replanned += stale.len();
+                    discard(stale, None, keep_files).await;
+                    planned.extend(fresh.into_iter().map(|c| (c.bucket, c)));
                     rebases += u32::from(!planned.is_empty());
                     planned_on = now.clone();
                     state = now;
-                    // Planned again on what landed meanwhile, the rows may all be there
-                    // already: then there is nothing to commit (a snapshot-less commit would
-                    // still expire the current snapshot).
-                    if !planned.values().any(BucketChange::changes_files) {
-                        unlock(store, held).await;
-                        return Ok(nothing(planned, replanned, rebases, t));
-                    }
-                }
-                Err(e) => {
-                    unlock(store, held).await;
-                    discard(planned.into_values().collect(), keep_files).await;
-                    return Err(e.in_table(id));
                 }
             }
-        }
-        let started = std::time::Instant::now();
-        let prepared = match snapshot_changes(store, &state, &planned, planner) {
-            Ok(changes) => prepare(&store.file_io, &state, changes).await,
-            Err(e) => Err(e),
+            // Planned again on what landed meanwhile, the rows may all be there already:
+            // then there is nothing to commit (a snapshot-less commit would still expire the
+            // current snapshot).
+            if !planned.values().any(BucketChange::changes_files) {
+                return Ok(None);
+            }
+            let started = std::time::Instant::now();
+            manifests_ahead(store, &state, &planned, &mut ahead, keep_files)
+                .await
+                .map_err(Attempt::Failed)?;
+            let changes =
+                snapshot_changes(store, &state, &planned, &*planner).map_err(Attempt::Failed)?;
+            let prepared = prepare(
+                &store.file_io,
+                &state,
+                changes,
+                ahead.as_ref(),
+                write_metadata,
+            )
+            .await
+            .map_err(Attempt::Failed)?;
+            // Durable before the catalog points at them: what this attempt publishes.
+            let publish = planned
+                .values()
+                .flat_map(BucketChange::written_paths)
+                .chain(ahead.iter().flat_map(|a| a.paths.iter().cloned()))
+                .chain(prepared.written.iter().cloned());
+            if let Err(e) = durable.wait(publish).await {
+                delete_quietly(&store.file_io, id, &prepared.written).await;
+                return Err(Attempt::Failed(e));
+            }
+            t.prepare_us += micros(started);
+            Ok(Some(prepared))
         };
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
+        let outcome = under_lock.await;
+        let prepared = match outcome {
+            Ok(Some(prepared)) => prepared,
+            Ok(None) => {
                 unlock(store, held).await;
-                discard(planned.into_values().collect(), keep_files).await;
+                discard(Vec::new(), ahead, keep_files).await;
+                return Ok(nothing(planned, replanned, rebases, t));
+            }
+            Err(Attempt::Replan(stale)) => {
+                unlock(store, held).await;
+                replanned += stale.len();
+                want = Some(stale);
+                must_plan = true;
+                if attempt >= attempts {
+                    break;
+                }
+                attempt += 1;
+                continue;
+            }
+            Err(Attempt::Failed(e)) => {
+                unlock(store, held).await;
+                discard(planned.into_values().collect(), ahead, keep_files).await;
                 return Err(e.in_table(id));
             }
         };
-        // Durable before the catalog points at them: what this attempt publishes.
-        let publish = planned
-            .values()
-            .flat_map(BucketChange::written_paths)
-            .chain(prepared.written.iter().cloned());
-        if let Err(e) = crate::storage::sync_files(publish).await {
-            unlock(store, held).await;
-            delete_quietly(&store.file_io, id, &prepared.written).await;
-            discard(planned.into_values().collect(), keep_files).await;
-            return Err(e.in_table(id));
-        }
-        t.prepare_us += micros(started);
         // A catalog error may come after the swap was sent (a lost connection): the commit
         // may have landed, so nothing is deleted then.
         let started = std::time::Instant::now();
@@ -653,6 +808,9 @@ pub async fn commit_buckets(
             Landed::Unknown(why) => {
                 keep_files = true;
                 unknown = Some(why);
+                // That attempt may still land with this snapshot id: the next one gets its
+                // own (its files are kept with the rest).
+                ahead = None;
             }
         }
         if attempt >= attempts {
@@ -674,6 +832,6 @@ pub async fn commit_buckets(
     }
     let mut all: Vec<BucketChange> = planned.into_values().collect();
     all.extend(want.unwrap_or_default());
-    discard(all, keep_files).await;
+    discard(all, ahead, keep_files).await;
     Err(gave_up(id, attempts, unknown))
 }

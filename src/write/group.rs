@@ -9,9 +9,10 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 use super::{Placement, Rows, RowsPlanner, StoreIo, WriteReport, report};
 use crate::catalog::TableId;
@@ -22,6 +23,9 @@ use crate::store::Store;
 /// Rows one group commit takes at most: a big batch commits alone rather than wait for or
 /// hold up the group.
 const MAX_GROUP_ROWS: usize = 1 << 20;
+
+/// The longest a leader waits for the callers of its last group to come back.
+const MAX_GATHER: Duration = Duration::from_millis(4);
 
 /// One caller's batch (in the table's Arrow schema) and where its report goes.
 struct Member {
@@ -34,6 +38,8 @@ struct Queue {
     waiting: Vec<Member>,
     /// A leader task is committing (and will take what waits when it is done).
     leading: bool,
+    /// Told of every member that joins, for a leader gathering a group.
+    joined: Arc<Notify>,
 }
 
 /// The queues of a store's tables.
@@ -60,6 +66,7 @@ pub async fn write(store: &Arc<Store>, id: &TableId, batch: RecordBatch) -> Resu
     let lead = {
         let mut q = lock(&queue);
         q.waiting.push(Member { batch, reply });
+        q.joined.notify_one();
         !std::mem::replace(&mut q.leading, true)
     };
     if lead {
@@ -92,7 +99,11 @@ impl Drop for Leader {
 /// Commits what waits in `queue`, group after group, until nothing does.
 async fn lead_group(store: Arc<Store>, id: TableId, queue: Arc<Mutex<Queue>>) {
     let mut leader = Leader { queue, done: false };
+    let mut last: Option<(usize, Duration)> = None;
     loop {
+        if let Some((members, took)) = last {
+            gather(&leader.queue, members, took).await;
+        }
         let group = {
             let mut q = lock(&leader.queue);
             if q.waiting.is_empty() {
@@ -102,7 +113,33 @@ async fn lead_group(store: Arc<Store>, id: TableId, queue: Arc<Mutex<Queue>>) {
             }
             take_group(&mut q.waiting)
         };
+        let members = group.len();
+        let started = Instant::now();
         commit_group(&store, &id, group).await;
+        last = Some((members, started.elapsed()));
+    }
+}
+
+/// Waits, briefly, until as many callers wait as the last group had. Callers answered by a
+/// commit come back with their next write a moment later (their own conversion first): a
+/// leader that took only those already back would commit the herd in halves, twice the
+/// commits for the same rows (measured with 16 pushing threads: 8 rows per commit). The wait
+/// is at most a quarter of the last commit's time (and `MAX_GATHER`), so a lone writer, whose
+/// group is itself, never waits.
+async fn gather(queue: &Mutex<Queue>, members: usize, took: Duration) {
+    let deadline = Instant::now() + (took / 4).min(MAX_GATHER);
+    loop {
+        let joined = {
+            let q = lock(queue);
+            if q.waiting.len() >= members {
+                return;
+            }
+            q.joined.clone()
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, joined.notified()).await.is_err() {
+            return;
+        }
     }
 }
 

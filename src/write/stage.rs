@@ -402,7 +402,7 @@ pub async fn discard(store: &Store, table: &str, job: &str, keep: &[Token]) -> R
     let md = &state.metadata;
     for s in md.snapshots() {
         let files = store
-            .snapshot_files(md, s.snapshot_id())
+            .snapshot_files(md, s.snapshot_id(), Some(&state.files))
             .await?
             .ok_or_else(|| Error::internal("snapshot vanished from its own metadata"))?;
         referenced.extend(files.data.iter().map(|f| f.path().to_string()));
