@@ -88,13 +88,14 @@ fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         unsafe extern "C" {
-            fn setpriority(which: i32, who: u32, prio: i32) -> i32;
+            fn nice(inc: i32) -> i32;
         }
-        // PRIO_PROCESS (0) for `who` 0 is the calling thread on Linux. Best effort: a
-        // failure leaves the thread at its priority.
+        // glibc's nice() changes the calling thread's nice value on Linux, relative to what
+        // it is (a process started under `nice` keeps its background threads below it).
+        // Best effort: a failure leaves the thread at its priority.
         // SAFETY: a plain libc call with no pointers.
         unsafe {
-            setpriority(0, 0, 10);
+            nice(10);
         }
     }
 }
