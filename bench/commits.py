@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import datetime, timedelta, timezone
@@ -79,6 +80,11 @@ def row(i: int, version: int, ts: datetime) -> Any:
     return (key, features, ts, ts)
 
 
+def namespace(data: Path) -> str:
+    """One namespace per repo, the same in every process (`hash` of a str is per process)."""
+    return f"bench_{zlib.crc32(str(data).encode()):08x}"
+
+
 def online_fields(store: str, data: Path) -> dict[str, Any]:
     if store == "sqlite":
         return {"type": "sqlite", "path": str(data / "online.db")}
@@ -87,10 +93,10 @@ def online_fields(store: str, data: Path) -> dict[str, Any]:
         fields |= {"uri": f"sqlite:///{data / 'catalog.db'}", "warehouse": str(data / "wh")}
     elif store == "iceberg-postgres":
         fields |= json.loads(os.environ["BENCH_PG"]) | {"warehouse": str(data / "wh")}
-        fields["namespace"] = f"bench_{abs(hash(str(data))) % 10**8}"
+        fields["namespace"] = namespace(data)
     elif store == "iceberg-rest-s3":
         fields |= json.loads(os.environ["BENCH_REST_S3"])
-        fields["namespace"] = f"bench_{abs(hash(str(data))) % 10**8}"
+        fields["namespace"] = namespace(data)
     else:
         raise ValueError(store)
     return fields
