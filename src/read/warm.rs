@@ -120,7 +120,15 @@ pub async fn warm(
 }
 
 fn warn_failed(state: &TableState, path: &str, e: &crate::error::Error) {
-    log::warn!(
+    // A file gone from storage was replaced and expired by a newer commit while this one was
+    // being prepared (routine with several writers): no read will need it.
+    let level = if matches!(e, crate::error::Error::FileNotFound(_)) {
+        log::Level::Debug
+    } else {
+        log::Level::Warn
+    };
+    log::log!(
+        level,
         "table {}: preparing {path} for reads failed (the first read that needs it retries): {e}",
         state.id
     );
