@@ -5,13 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import random
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from conftest import Env, driver_key, driver_row, driver_view, expected_values, plain, repo_config
+from conftest import (
+    Env,
+    Row,
+    driver_key,
+    driver_row,
+    driver_view,
+    expected_values,
+    plain,
+    repo_config,
+)
+from feast import Field
+from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+from feast.types import Float64
 from feast_iceberg import _internal
 
 
@@ -169,6 +182,51 @@ def test_a_cold_read_reads_one_row_group(make_env: Callable[..., Env]) -> None:
     assert 30 < spread["cache_entries"] <= 40, spread
     reader.read(view, [driver_key(i) for i in wanted])
     assert store.io_stats()["data_bytes"] == 0
+
+
+def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
+    make_env: Callable[..., Env],
+) -> None:
+    # Random doubles: LZ4 cannot shrink them, so they are written uncompressed and a miss
+    # slices them from the bytes read. Every tenth row has no value for them (nulls).
+    rng = random.Random(7)
+    noise = {i: rng.random() for i in range(6_000) if i % 10}
+    view = driver_view(extra=[Field(name="noise", dtype=Float64)])
+
+    def row(i: int) -> Row:
+        key, features, event, created = driver_row(i, 1)
+        value = ValueProto(double_val=noise[i]) if i in noise else ValueProto()
+        return key, {**features, "noise": value}, event, created
+
+    writer = make_env(partition_count=1)
+    writer.apply(view)
+    writer.write(view, [row(i) for i in range(6_000)])
+    (data_file,) = [p for p in writer.warehouse_files() if p.suffix == ".parquet"]
+    footer = pq.ParquetFile(data_file).metadata
+    codecs = {
+        footer.row_group(0).column(c).path_in_schema: footer.row_group(0).column(c).compression
+        for c in range(footer.num_columns)
+    }
+    assert codecs["noise"] == "UNCOMPRESSED", codecs
+    assert codecs["entity_key"].startswith("LZ4") and codecs["trips"].startswith("LZ4"), codecs
+    # Other engines read it as any Parquet.
+    assert pq.read_table(data_file).column("noise").null_count == 600
+
+    # A budget of a couple of row groups: nearly every read below is a miss.
+    online = {**writer.online, "read_cache_bytes": 100_000}
+    reader = Env(writer.repo, repo_config(writer.repo, **online), type(writer.store)(), online)
+    for _ in range(2):
+        for start in range(0, 6_000, 500):
+            ids = list(range(start, start + 500, 7))
+            results = reader.read(view, [driver_key(i) for i in ids])
+            got = [None if f is None else plain(f["noise"]) for _, f in results]
+            assert got == [noise.get(i) for i in ids]
+            assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in ids]
+    stats = reader.store._store(reader.config).io_stats()
+    # 12 row groups, each read again on the second pass: each of the 16 shards of the cache
+    # keeps its one newest row group at most (its share of the budget is smaller).
+    assert stats["cache_misses"] >= 24 and stats["cache_evictions"] > 0, stats
+    assert stats["cache_entries"] <= 16, stats
 
 
 def test_reads_past_the_cache_budget_stay_exact(make_env: Callable[..., Env]) -> None:

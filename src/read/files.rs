@@ -157,6 +157,25 @@ impl Fetched {
         Ok(())
     }
 
+    /// These bytes cut to `range` of the file, copied when they hold much more (ranges read
+    /// together): a cached block may keep its row group's bytes (uncompressed values are
+    /// sliced from them), and must not keep its neighbours' alive with them.
+    pub(super) fn only(self, range: &Range<u64>) -> Self {
+        const SLACK: u64 = 4 << 10;
+        let held = self.bytes.len() as u64;
+        if !self.holds(range.start, range.end - range.start)
+            || held <= range.end - range.start + SLACK
+        {
+            return self;
+        }
+        let from = (range.start - self.offset) as usize;
+        let to = (range.end - self.offset) as usize;
+        Self {
+            offset: range.start,
+            bytes: Bytes::copy_from_slice(&self.bytes[from..to]),
+        }
+    }
+
     fn slice(&self, start: u64, len: usize) -> parquet::errors::Result<Bytes> {
         let from = start
             .checked_sub(self.offset)
@@ -514,7 +533,7 @@ impl DataFiles {
                 rgs.iter().zip(sources).map(move |(&rg, source)| DecodeJob {
                     file: *i,
                     rg,
-                    source,
+                    source: source.only(&index.row_groups[rg].bytes),
                     metadata: index.reader_metadata.clone(),
                     first_row: index.row_groups[rg].first_row,
                     path: index.path.clone(),
@@ -869,11 +888,18 @@ fn decode_row_group(
             }
         }
     }
-    let columns = columns
+    let columns: Vec<Cells> = columns
         .into_iter()
         .map(|c| c.unwrap_or(Cells::Missing))
         .collect();
-    Ok(Block::new(columns, rows, layout, first_position))
+    let borrows = columns
+        .iter()
+        .any(|c| matches!(c, Cells::Plain(p) if p.borrows_source()));
+    let mut block = Block::new(columns, rows, layout, first_position);
+    if borrows {
+        block.bytes += source.bytes.len();
+    }
+    Ok(block)
 }
 
 /// Root columns `roots` of row group `rg`, decoded by Arrow.

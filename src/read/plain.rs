@@ -17,7 +17,9 @@ use arrow_array::types::{Int64Type, TimestampMicrosecondType};
 use arrow_array::{Array, ArrayRef};
 use arrow_schema::DataType;
 use bytes::Bytes;
-use parquet::basic::{ConvertedType, Encoding, LogicalType, TimeUnit, Type as Physical};
+use parquet::basic::{
+    Compression, ConvertedType, Encoding, LogicalType, TimeUnit, Type as Physical,
+};
 use parquet::column::page::{Page, PageReader};
 use parquet::file::metadata::{ColumnChunkMetaData, RowGroupMetaData};
 use parquet::file::properties::{ReaderProperties, ReaderPropertiesPtr};
@@ -107,8 +109,11 @@ pub struct PlainColumn {
     /// before). Empty for fixed-width types.
     starts: Vec<u32>,
     /// Optional columns: per row, the index of its value, `NULL_SLOT` for null. None when
-    /// every row has a value (required columns).
+    /// every row has a value.
     slots: Option<Vec<u32>>,
+    /// `values` is a slice of the row group's bytes as read (an uncompressed page): the block
+    /// accounts for those bytes once, not each column.
+    borrowed: bool,
 }
 
 impl PlainColumn {
@@ -168,8 +173,13 @@ impl PlainColumn {
         }
     }
 
+    /// Whether `values` lies in the row group's bytes as read (see `borrowed`).
+    pub fn borrows_source(&self) -> bool {
+        self.borrowed
+    }
+
     fn memory(&self) -> usize {
-        self.values.len()
+        (if self.borrowed { 0 } else { self.values.len() })
             + self.starts.len() * 4
             + self.slots.as_ref().map_or(0, |s| s.len() * 4)
             + std::mem::size_of::<Self>()
@@ -215,43 +225,69 @@ fn reader_properties() -> ReaderPropertiesPtr {
         .clone()
 }
 
-/// Reads the definition levels of a flat optional column (bit width 1, Parquet's RLE /
-/// bit-packed hybrid) into `slots`, numbering the present values from `*next`.
-fn push_slots(mut levels: &[u8], count: usize, slots: &mut Vec<u32>, next: &mut u32) -> Result<()> {
-    let bad = || Error::corrupt("data file", "definition levels end early");
-    let end = slots.len() + count;
-    while slots.len() < end {
-        let (header, used) = varint(levels).ok_or_else(bad)?;
-        levels = &levels[used..];
-        if header & 1 == 0 {
-            // A run of one level, stored in one byte.
-            let run = usize::try_from(header >> 1).map_err(|_| bad())?;
-            let (&level, rest) = levels.split_first().ok_or_else(bad)?;
-            levels = rest;
-            for _ in 0..run.min(end - slots.len()) {
+/// Where each row's value is in an optional column. While every row so far has a value, row
+/// `i` is value `i` and no map is kept: most feature columns hold no null, and a map would
+/// cost 4 bytes a row of cache, half of what a float64 column's values do.
+#[derive(Default)]
+struct Slots {
+    next: u32,
+    map: Option<Vec<u32>>,
+}
+
+impl Slots {
+    fn present(&mut self, n: usize) {
+        let to = self.next + n as u32;
+        if let Some(map) = &mut self.map {
+            map.extend(self.next..to);
+        }
+        self.next = to;
+    }
+
+    fn null(&mut self, n: usize) {
+        let next = self.next;
+        self.map
+            .get_or_insert_with(|| (0..next).collect())
+            .extend(std::iter::repeat_n(NULL_SLOT, n));
+    }
+
+    /// Reads `count` definition levels of a flat optional column (bit width 1, Parquet's RLE
+    /// / bit-packed hybrid); returns how many of them are present values.
+    fn push(&mut self, mut levels: &[u8], count: usize) -> Result<usize> {
+        let bad = || Error::corrupt("data file", "definition levels end early");
+        let before = self.next;
+        let mut left = count;
+        while left > 0 {
+            let (header, used) = varint(levels).ok_or_else(bad)?;
+            levels = &levels[used..];
+            if header & 1 == 0 {
+                // A run of one level, stored in one byte.
+                let run = usize::try_from(header >> 1).map_err(|_| bad())?.min(left);
+                let (&level, rest) = levels.split_first().ok_or_else(bad)?;
+                levels = rest;
                 if level & 1 == 1 {
-                    slots.push(*next);
-                    *next += 1;
+                    self.present(run);
                 } else {
-                    slots.push(NULL_SLOT);
+                    self.null(run);
                 }
-            }
-        } else {
-            // Groups of 8 levels, one bit each.
-            let groups = usize::try_from(header >> 1).map_err(|_| bad())?;
-            let bits = levels.get(..groups).ok_or_else(bad)?;
-            levels = &levels[groups..];
-            for i in 0..(groups * 8).min(end - slots.len()) {
-                if bits[i / 8] >> (i % 8) & 1 == 1 {
-                    slots.push(*next);
-                    *next += 1;
-                } else {
-                    slots.push(NULL_SLOT);
+                left -= run;
+            } else {
+                // Groups of 8 levels, one bit each.
+                let groups = usize::try_from(header >> 1).map_err(|_| bad())?;
+                let bits = levels.get(..groups).ok_or_else(bad)?;
+                levels = &levels[groups..];
+                let n = (groups * 8).min(left);
+                for i in 0..n {
+                    if bits[i / 8] >> (i % 8) & 1 == 1 {
+                        self.present(1);
+                    } else {
+                        self.null(1);
+                    }
                 }
+                left -= n;
             }
         }
+        Ok((self.next - before) as usize)
     }
-    Ok(())
 }
 
 fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
@@ -265,21 +301,18 @@ fn varint(bytes: &[u8]) -> Option<(u64, usize)> {
     None
 }
 
-/// Appends one page's PLAIN values (`count` of them) to `values`, recording where each
-/// byte array starts.
-fn push_values(
+/// How many bytes of `page` its `count` PLAIN values take, recording where each byte array
+/// starts (`base` + its offset in the page) in `starts`.
+fn values_len(
     physical: Physical,
     page: &[u8],
     count: usize,
-    values: &mut Vec<u8>,
+    base: usize,
     starts: &mut Vec<u32>,
-) -> Result<()> {
+) -> Result<usize> {
     let short = || Error::corrupt("data file", "page holds fewer values than it says");
-    match physical {
-        Physical::BOOLEAN => {
-            let bits = page.get(..count.div_ceil(8)).ok_or_else(short)?;
-            values.extend((0..count).map(|i| bits[i / 8] >> (i % 8) & 1));
-        }
+    let len = match physical {
+        Physical::BOOLEAN => count.div_ceil(8),
         Physical::BYTE_ARRAY => {
             let mut at = 0;
             for _ in 0..count {
@@ -291,22 +324,73 @@ fn push_values(
                 if at + 4 + len > page.len() {
                     return Err(short());
                 }
-                let start = values.len() + at + 4;
-                starts.push(u32::try_from(start).map_err(|_| short())?);
+                starts.push(u32::try_from(base + at + 4).map_err(|_| short())?);
                 at += 4 + len;
             }
-            values.extend_from_slice(&page[..at]);
+            at
         }
-        _ => {
-            let width = if matches!(physical, Physical::INT64 | Physical::DOUBLE) {
-                8
-            } else {
-                4
-            };
-            values.extend_from_slice(page.get(..count * width).ok_or_else(short)?);
+        Physical::INT64 | Physical::DOUBLE => count * 8,
+        _ => count * 4,
+    };
+    if len > page.len() {
+        return Err(short());
+    }
+    Ok(len)
+}
+
+/// A column chunk's values, page after page. The values of a chunk of one page (all of ours:
+/// a row group is one page per column) stay where the page is, a slice of the bytes read for
+/// an uncompressed page: no copy. A second page copies them out.
+enum Values {
+    Empty,
+    Page(Bytes),
+    Owned(Vec<u8>),
+}
+
+impl Values {
+    fn len(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::Page(b) => b.len(),
+            Self::Owned(v) => v.len(),
         }
     }
-    Ok(())
+
+    fn push(&mut self, page: Bytes, physical: Physical, count: usize) {
+        if physical == Physical::BOOLEAN {
+            // One byte per value, so that a value is found by its index.
+            let bits = page;
+            self.owned()
+                .extend((0..count).map(|i| bits[i / 8] >> (i % 8) & 1));
+            return;
+        }
+        match self {
+            Self::Empty => *self = Self::Page(page),
+            _ => self.owned().extend_from_slice(&page),
+        }
+    }
+
+    fn owned(&mut self) -> &mut Vec<u8> {
+        if !matches!(self, Self::Owned(_)) {
+            let held = match self {
+                Self::Page(b) => b.to_vec(),
+                _ => Vec::new(),
+            };
+            *self = Self::Owned(held);
+        }
+        match self {
+            Self::Owned(v) => v,
+            _ => unreachable!("made owned above"),
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Self::Empty => Bytes::new(),
+            Self::Page(b) => b,
+            Self::Owned(v) => Bytes::from(v),
+        }
+    }
 }
 
 /// Decodes one flat column chunk in place, or None when its pages are not PLAIN (a
@@ -328,21 +412,14 @@ fn decode_chunk(
         None,
         reader_properties(),
     )?;
-    // Sized once, so that the cache's weight of a block is what it holds (a doubling Vec
-    // could hold twice its length). The chunk's uncompressed size bounds its values.
-    let capacity = usize::try_from(chunk.uncompressed_size()).unwrap_or(0);
-    let mut values = Vec::with_capacity(if physical == Physical::BOOLEAN {
-        rows
-    } else {
-        capacity
-    });
+    let mut values = Values::Empty;
     let mut starts = Vec::with_capacity(if physical == Physical::BYTE_ARRAY {
         rows
     } else {
         0
     });
-    let mut slots = optional.then(|| Vec::with_capacity(rows));
-    let (mut levels_read, mut next) = (0usize, 0u32);
+    let mut slots = Slots::default();
+    let mut levels_read = 0usize;
     while let Some(page) = pages.get_next_page()? {
         let (buf, levels, count, encoding) = match &page {
             Page::DataPage {
@@ -354,7 +431,7 @@ fn decode_chunk(
             } => {
                 let count = *num_values as usize;
                 if !optional {
-                    (&buf[..], &[][..], count, *encoding)
+                    (buf.clone(), 0..0, count, *encoding)
                 } else {
                     if *def_level_encoding != Encoding::RLE {
                         return Ok(None);
@@ -365,7 +442,7 @@ fn decode_chunk(
                         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
                         .filter(|len| 4 + len <= buf.len())
                         .ok_or_else(|| Error::corrupt("data file", "bad definition levels"))?;
-                    (&buf[4 + len..], &buf[4..4 + len], count, *encoding)
+                    (buf.slice(4 + len..), 4..4 + len, count, *encoding)
                 }
             }
             Page::DataPageV2 {
@@ -381,23 +458,21 @@ fn decode_chunk(
                 if to > buf.len() {
                     return Err(Error::corrupt("data file", "bad definition levels"));
                 }
-                (&buf[to..], &buf[from..to], *num_values as usize, *encoding)
+                (buf.slice(to..), from..to, *num_values as usize, *encoding)
             }
             Page::DictionaryPage { .. } => return Ok(None),
         };
         if encoding != Encoding::PLAIN {
             return Ok(None);
         }
-        let present = match &mut slots {
-            Some(slots) => {
-                let before = next;
-                push_slots(levels, count, slots, &mut next)?;
-                (next - before) as usize
-            }
-            None => count,
+        let present = if optional {
+            slots.push(&page.buffer()[levels], count)?
+        } else {
+            count
         };
         levels_read += count;
-        push_values(physical, buf, present, &mut values, &mut starts)?;
+        let len = values_len(physical, &buf, present, values.len(), &mut starts)?;
+        values.push(buf.slice(..len), physical, present);
     }
     if levels_read != rows {
         return Err(Error::corrupt(
@@ -405,11 +480,14 @@ fn decode_chunk(
             format!("column chunk holds {levels_read} rows, its row group {rows}"),
         ));
     }
+    let borrowed =
+        matches!(values, Values::Page(_)) && chunk.compression() == Compression::UNCOMPRESSED;
     Ok(Some(PlainColumn {
         physical,
-        values: Bytes::from(values),
+        values: values.into_bytes(),
         starts,
-        slots,
+        slots: slots.map,
+        borrowed,
     }))
 }
 
@@ -438,13 +516,24 @@ mod tests {
     fn definition_levels_number_present_values() {
         // A run of 3 present, then 8 bit-packed levels 0b1010_0101, then a run of 2 nulls.
         let levels = [3 << 1, 1, (1 << 1) | 1, 0b1010_0101, 2 << 1, 0];
-        let mut slots = Vec::new();
-        let mut next = 0;
-        push_slots(&levels, 13, &mut slots, &mut next).unwrap();
+        let mut slots = Slots::default();
+        assert_eq!(slots.push(&levels, 13).unwrap(), 7);
         let n = NULL_SLOT;
-        assert_eq!(slots, vec![0, 1, 2, 3, n, 4, n, n, 5, n, 6, n, n]);
-        assert_eq!(next, 7);
-        assert!(push_slots(&levels[..2], 5, &mut Vec::new(), &mut 0).is_err());
+        assert_eq!(
+            slots.map.unwrap(),
+            vec![0, 1, 2, 3, n, 4, n, n, 5, n, 6, n, n]
+        );
+        assert!(Slots::default().push(&levels[..2], 5).is_err());
+    }
+
+    #[test]
+    fn a_column_without_nulls_keeps_no_slot_map() {
+        let mut slots = Slots::default();
+        // Two pages: a run of 300 present levels, then 8 bit-packed present levels.
+        assert_eq!(slots.push(&[0xd8, 0x04, 1], 300).unwrap(), 300);
+        assert_eq!(slots.push(&[(1 << 1) | 1, 0xff], 8).unwrap(), 8);
+        assert!(slots.map.is_none());
+        assert_eq!(slots.next, 308);
     }
 
     #[test]
@@ -454,26 +543,30 @@ mod tests {
             page.extend_from_slice(&(v.len() as u32).to_le_bytes());
             page.extend_from_slice(v);
         }
-        let (mut values, mut starts) = (Vec::new(), Vec::new());
-        push_values(Physical::BYTE_ARRAY, &page, 3, &mut values, &mut starts).unwrap();
-        push_values(Physical::BYTE_ARRAY, &page, 1, &mut values, &mut starts).unwrap();
+        let (mut values, mut starts) = (Values::Empty, Vec::new());
+        for count in [3, 1] {
+            let len = values_len(
+                Physical::BYTE_ARRAY,
+                &page,
+                count,
+                values.len(),
+                &mut starts,
+            );
+            values.push(
+                Bytes::from(page[..len.unwrap()].to_vec()),
+                Physical::BYTE_ARRAY,
+                count,
+            );
+        }
         let c = PlainColumn {
             physical: Physical::BYTE_ARRAY,
-            values: Bytes::from(values),
+            values: values.into_bytes(),
             starts,
             slots: None,
+            borrowed: false,
         };
         let got: Vec<&[u8]> = (0..4).map(|i| c.bytes(i)).collect();
         assert_eq!(got, vec![&b"ab"[..], b"", b"xyz", b"ab"]);
-        assert!(
-            push_values(
-                Physical::BYTE_ARRAY,
-                &page[..5],
-                2,
-                &mut Vec::new(),
-                &mut Vec::new()
-            )
-            .is_err()
-        );
+        assert!(values_len(Physical::BYTE_ARRAY, &page[..5], 2, 0, &mut Vec::new()).is_err());
     }
 }
