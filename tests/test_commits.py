@@ -256,6 +256,41 @@ def test_older_pushes_racing_a_newer_load_commit_nothing_and_fail_nothing(env: E
     ]
     rows = env.pyiceberg_table(view).scan().to_arrow()
     assert rows.num_rows == len(keys)
+    # A writer that kept losing (REST: no commit lock) claimed the table and released it.
+    assert CLAIM not in env.pyiceberg_table(view).properties
+
+
+CLAIM = "feast-iceberg.commit-claim"
+
+
+def test_writers_wait_for_a_live_claim_on_an_optimistic_catalog(env: Env) -> None:
+    """On REST, another writer's live claim holds a push back until it ends, and a claim past
+    its deadline (its writer died) holds nothing back."""
+    if env.config.online_store.catalog_type != "rest":
+        pytest.skip("catalogs with commit locks queue writers instead")
+    view = driver_view()
+    env.apply(view)
+    env.write(view, [driver_row(0, 1)])
+    table = env.pyiceberg_table(view)
+
+    def claim(ms_from_now: int) -> None:
+        with table.transaction() as tx:
+            tx.set_properties({CLAIM: f"another {int(time.time() * 1000) + ms_from_now}"})
+
+    claim(-60_000)
+    started = time.perf_counter()
+    env.write(view, [driver_row(1, 1)])
+    assert time.perf_counter() - started < 1.0
+
+    claim(1_500)
+    started = time.perf_counter()
+    env.write(view, [driver_row(2, 1)])
+    waited = time.perf_counter() - started
+    assert 1.2 < waited < 10, waited
+    got = env.read(view, [driver_key(i) for i in range(3)])
+    assert [f["trips"].int64_val for _, f in got if f] == [
+        expected_values(i, 1)["trips"] for i in range(3)
+    ]
 
 
 def test_group_commit_coalesces_threads_and_isolates_a_bad_batch(env: Env) -> None:

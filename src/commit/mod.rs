@@ -14,6 +14,7 @@
 //!
 //! A commit that returns has landed in the catalog: nothing is acknowledged before that.
 
+mod claim;
 mod snapshot;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -26,7 +27,10 @@ use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::DataFile;
 
+pub use claim::CLAIM_PROPERTY;
 pub use snapshot::{Changes, MAX_MANIFESTS, NewManifests, PreparedCommit, prepare};
+
+use claim::{CLAIM_AFTER, Claim};
 
 use crate::catalog::{CommitLock, CommitOutcome, TableId};
 use crate::error::{Error, Result};
@@ -554,9 +558,23 @@ pub async fn commit_buckets(
     id: &TableId,
     planner: &mut dyn Planner,
 ) -> Result<Committed> {
+    let mut claim = Claim::default();
+    let committed = commit_buckets_claiming(store, id, planner, &mut claim).await;
+    claim.release(store, id).await;
+    committed
+}
+
+async fn commit_buckets_claiming(
+    store: &Store,
+    id: &TableId,
+    planner: &mut dyn Planner,
+    claim: &mut Claim,
+) -> Result<Committed> {
     let attempts = store.config.commit_max_retries + 1;
     let catalog = store.catalog().await?;
     let write_metadata = !catalog.owns_metadata_files();
+    // Optimistic commits on REST: see `claim`.
+    let claims = catalog.owns_metadata_files() && !catalog.locks_commits();
     // Under a commit lock, whatever landed since the plan is folded in before the commit
     // (`catch_up`): the plan may start from the state this process last saw, if it is
     // fresh, instead of asking the catalog twice. An optimistic commit plans on the newest.
@@ -568,6 +586,9 @@ pub async fn commit_buckets(
     let mut t = Timings::default();
     let started = std::time::Instant::now();
     let mut state = store.current(id, max_age).await?;
+    if claims {
+        state = claim::wait_for_others(store, id, claim, state).await?;
+    }
     t.state_us += micros(started);
     let mut planned_on = state.clone();
     let mut planned: BTreeMap<i32, BucketChange> = BTreeMap::new();
@@ -818,9 +839,20 @@ pub async fn commit_buckets(
         }
         attempt += 1;
         metrics::commit_retried(id);
-        tokio::time::sleep(backoff(attempt - 1)).await;
+        // Holding the claim, this writer is the one the others wait for.
+        let claimed = claim.held_in(&state);
+        tokio::time::sleep(backoff(if claimed { 0 } else { attempt - 1 })).await;
         let started = std::time::Instant::now();
         state = store.current(id, Duration::ZERO).await?;
+        if claims {
+            if attempt > CLAIM_AFTER
+                && !claim.held_in(&state)
+                && let Some(now) = claim.take(store, id, &state).await
+            {
+                state = now;
+            }
+            state = claim::wait_for_others(store, id, claim, state).await?;
+        }
         t.state_us += micros(started);
         let dropped = take_stale(planner, &mut planned, &planned_on, &state);
         rebases += u32::from(!planned.is_empty());
