@@ -11,6 +11,7 @@
 //! `CLAIM_FOR`. Other engines ignore the property and stay optimistic. Catalogs with commit
 //! locks (SQLite, PostgreSQL) queue writers in order and never need this.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use iceberg::TableUpdate;
@@ -21,10 +22,9 @@ use crate::catalog::TableId;
 use crate::error::Result;
 use crate::store::Store;
 use crate::table::TableState;
-use std::sync::Arc;
 
 /// The table property: `<claimant id> <deadline, Unix ms>`.
-pub const CLAIM_PROPERTY: &str = "feast-iceberg.commit-claim";
+const CLAIM_PROPERTY: &str = "feast-iceberg.commit-claim";
 /// Lost races in a row before a writer claims the table.
 pub const CLAIM_AFTER: u32 = 3;
 /// How long a claim holds other writers back at most.

@@ -27,7 +27,6 @@ use iceberg::TableUpdate;
 use iceberg::io::FileIO;
 use iceberg::spec::DataFile;
 
-pub use claim::CLAIM_PROPERTY;
 pub use snapshot::{Changes, MAX_MANIFESTS, NewManifests, PreparedCommit, prepare};
 
 use claim::{CLAIM_AFTER, Claim};

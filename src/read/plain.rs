@@ -388,7 +388,12 @@ impl Values {
         match self {
             Self::Empty => Bytes::new(),
             Self::Page(b) => b,
-            Self::Owned(v) => Bytes::from(v),
+            // Values of several pages grew by doubling: the cache weighs a block by what it
+            // holds, so it holds no spare capacity.
+            Self::Owned(mut v) => {
+                v.shrink_to_fit();
+                Bytes::from(v)
+            }
         }
     }
 }
