@@ -190,7 +190,7 @@ def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
     # Random doubles: LZ4 cannot shrink them, so they are written uncompressed and a miss
     # slices them from the bytes read. Every tenth row has no value for them (nulls).
     rng = random.Random(7)
-    noise = {i: rng.random() for i in range(6_000) if i % 10}
+    noise = {i: rng.random() for i in range(20_000) if i % 10}
     view = driver_view(extra=[Field(name="noise", dtype=Float64)])
 
     def row(i: int) -> Row:
@@ -200,7 +200,7 @@ def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
 
     writer = make_env(partition_count=1)
     writer.apply(view)
-    writer.write(view, [row(i) for i in range(6_000)])
+    writer.write(view, [row(i) for i in range(20_000)])
     (data_file,) = [p for p in writer.warehouse_files() if p.suffix == ".parquet"]
     footer = pq.ParquetFile(data_file).metadata
     codecs = {
@@ -210,22 +210,23 @@ def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
     assert codecs["noise"] == "UNCOMPRESSED", codecs
     assert codecs["entity_key"].startswith("LZ4") and codecs["trips"].startswith("LZ4"), codecs
     # Other engines read it as any Parquet.
-    assert pq.read_table(data_file).column("noise").null_count == 600
+    assert pq.read_table(data_file).column("noise").null_count == 2_000
 
     # A budget of a couple of row groups: nearly every read below is a miss.
     online = {**writer.online, "read_cache_bytes": 100_000}
     reader = Env(writer.repo, repo_config(writer.repo, **online), type(writer.store)(), online)
     for _ in range(2):
-        for start in range(0, 6_000, 500):
+        for start in range(0, 20_000, 500):
             ids = list(range(start, start + 500, 7))
             results = reader.read(view, [driver_key(i) for i in ids])
             got = [None if f is None else plain(f["noise"]) for _, f in results]
             assert got == [noise.get(i) for i in ids]
             assert [trips(r) for r in results] == [expected_values(i, 1)["trips"] for i in ids]
     stats = reader.store._store(reader.config).io_stats()
-    # 12 row groups, each read again on the second pass: each of the 16 shards of the cache
-    # keeps its one newest row group at most (its share of the budget is smaller).
-    assert stats["cache_misses"] >= 24 and stats["cache_evictions"] > 0, stats
+    # 40 row groups, more than the cache's 16 shards, each of which keeps its one newest row
+    # group at most (its share of the budget is smaller): every row group misses on the first
+    # pass, and at least 24 of them again on the second.
+    assert stats["cache_misses"] >= 40 + 24 and stats["cache_evictions"] > 0, stats
     assert stats["cache_entries"] <= 16, stats
 
 
