@@ -211,6 +211,16 @@ def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
     assert codecs["entity_key"].startswith("LZ4") and codecs["trips"].startswith("LZ4"), codecs
     # Other engines read it as any Parquet.
     assert pq.read_table(data_file).column("noise").null_count == 2_000
+    # Rows are in key order and every row group says so (Parquet's `sorting_columns`), which
+    # spares a miss checking the order.
+    keys = pq.read_table(data_file, columns=["entity_key"]).column("entity_key").to_pylist()
+    assert keys == sorted(keys)
+    key_leaf = [footer.schema.column(c).path for c in range(footer.num_columns)].index(
+        "entity_key"
+    )
+    for rg in range(footer.num_row_groups):
+        (order,) = footer.row_group(rg).sorting_columns
+        assert (order.column_index, order.descending) == (key_leaf, False)
 
     # A budget of a couple of row groups: nearly every read below is a miss.
     online = {**writer.online, "read_cache_bytes": 100_000}

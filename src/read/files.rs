@@ -21,7 +21,7 @@ use parquet::arrow::arrow_reader::{
     ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::async_reader::AsyncFileReader;
-use parquet::file::metadata::ParquetMetaData;
+use parquet::file::metadata::{ParquetMetaData, RowGroupMetaData};
 use parquet::file::reader::{ChunkReader, Length};
 use parquet::schema::types::SchemaDescriptor;
 
@@ -32,7 +32,7 @@ use super::plain::{self, Cells};
 use super::{Version, align_to};
 use crate::error::{Error, Result};
 use crate::runtime;
-use crate::schema::{Column, Layout};
+use crate::schema::{Column, ENTITY_KEY, Layout};
 use crate::storage::{IoCounter, IoStats};
 use crate::table::LiveFile;
 
@@ -226,7 +226,16 @@ impl Weighted for Block {
 }
 
 impl Block {
-    pub fn new(columns: Vec<Cells>, rows: usize, layout: &Layout, first_position: u64) -> Self {
+    /// `sorted`: the file says its rows are in key order (our writer's files; see
+    /// `write::writer_properties_for`), so the check is skipped: it compared every key with
+    /// the next, ~15% of a miss's decode (`perf`).
+    pub fn new(
+        columns: Vec<Cells>,
+        rows: usize,
+        layout: &Layout,
+        first_position: u64,
+        sorted: bool,
+    ) -> Self {
         let mut block = Self {
             columns,
             rows,
@@ -237,8 +246,9 @@ impl Block {
             first_position,
             bytes: 0,
         };
-        let sorted = (0..rows).all(|r| block.key(r).is_some())
-            && (1..rows).all(|r| block.key(r - 1) <= block.key(r));
+        let sorted = sorted
+            || ((0..rows).all(|r| block.key(r).is_some())
+                && (1..rows).all(|r| block.key(r - 1) <= block.key(r)));
         if !sorted {
             let mut keyed: Vec<u32> = (0..rows as u32)
                 .filter(|&r| block.key(r as usize).is_some())
@@ -255,7 +265,7 @@ impl Block {
     /// A block of rows Arrow decoded, aligned to the table schema.
     pub fn from_batch(batch: &RecordBatch, layout: &Layout, first_position: u64) -> Self {
         let columns = batch.columns().iter().cloned().map(Cells::Arrow).collect();
-        Self::new(columns, batch.num_rows(), layout, first_position)
+        Self::new(columns, batch.num_rows(), layout, first_position, false)
     }
 
     fn key(&self, row: usize) -> Option<&[u8]> {
@@ -361,7 +371,8 @@ pub enum Fill {
 /// byte budget, decoded position deletes.
 pub struct DataFiles {
     indexes: Mutex<HashMap<Arc<str>, Arc<FileIndex>>>,
-    blocks: ClockCache<BlockKey, Block>,
+    /// Shared with the decode tasks, which insert what they decode.
+    blocks: Arc<ClockCache<BlockKey, Block>>,
     /// Decoded position-delete files, outside the budget: small, and bounded by the live
     /// delete files (automatic compaction caps those).
     deletes: Mutex<HashMap<String, Arc<PositionDeletes>>>,
@@ -392,7 +403,7 @@ impl DataFiles {
     pub fn new(block_budget: usize) -> Self {
         Self {
             indexes: Mutex::new(HashMap::new()),
-            blocks: ClockCache::new(block_budget),
+            blocks: Arc::new(ClockCache::new(block_budget)),
             deletes: Mutex::new(HashMap::new()),
         }
     }
@@ -519,32 +530,59 @@ impl DataFiles {
         if missing.is_empty() {
             return Ok(flatten(out));
         }
-        let fetched = futures::future::try_join_all(
+        let job = |i: usize, rg: usize, source: Source| {
+            let index = &wanted[i].0;
+            DecodeJob {
+                file: i,
+                rg,
+                source,
+                metadata: index.reader_metadata.clone(),
+                first_row: index.row_groups[rg].first_row,
+                path: index.path.clone(),
+                key: key(index, rg, versions_only),
+            }
+        };
+        let jobs: Vec<DecodeJob> = if missing
+            .iter()
+            .all(|(i, _)| !crate::storage::is_remote(&wanted[*i].0.path))
+        {
+            // Local reads cost about what copying the bytes does: each decode task reads its
+            // own row groups, so a request's reads run on every core its decodes do.
             missing
                 .iter()
-                .map(|(i, rgs)| fetch_row_groups(file_io, &wanted[*i].0, rgs, io, fill)),
-        )
-        .await?;
-        let jobs: Vec<DecodeJob> = missing
-            .iter()
-            .zip(fetched)
-            .flat_map(|((i, rgs), sources)| {
-                let index = &wanted[*i].0;
-                rgs.iter().zip(sources).map(move |(&rg, source)| DecodeJob {
-                    file: *i,
-                    rg,
-                    source: source.only(&index.row_groups[rg].bytes),
-                    metadata: index.reader_metadata.clone(),
-                    first_row: index.row_groups[rg].first_row,
-                    path: index.path.clone(),
+                .flat_map(|(i, rgs)| {
+                    rgs.iter().map(move |&rg| {
+                        let range = wanted[*i].0.row_groups[rg].bytes.clone();
+                        job(*i, rg, Source::Local(range))
+                    })
                 })
-            })
-            .collect();
-        for (file, rg, block) in decode_all(jobs, layout, fill).await? {
-            let index = &wanted[file].0;
-            let block = self
-                .blocks
-                .insert(key(index, rg, versions_only), Arc::new(block));
+                .collect()
+        } else {
+            // Object storage: every request of the miss in flight at once, then decoding.
+            let fetched = futures::future::try_join_all(
+                missing
+                    .iter()
+                    .map(|(i, rgs)| fetch_row_groups(file_io, &wanted[*i].0, rgs, io, fill)),
+            )
+            .await?;
+            missing
+                .iter()
+                .zip(fetched)
+                .flat_map(|((i, rgs), sources)| {
+                    rgs.iter().zip(sources).map(move |(&rg, source)| {
+                        let range = &wanted[*i].0.row_groups[rg].bytes;
+                        job(*i, rg, Source::Fetched(source.only(range)))
+                    })
+                })
+                .collect()
+        };
+        let decode = Decode {
+            layout: layout.clone(),
+            cache: self.blocks.clone(),
+            io: io.clone(),
+            fill,
+        };
+        for (file, rg, block) in decode_all(jobs, decode).await? {
             for (slot, &want) in out[file].iter_mut().zip(&wanted[file].1) {
                 if want == rg && slot.is_none() {
                     *slot = Some(block.clone());
@@ -733,29 +771,61 @@ async fn fetch_row_groups(
         .collect())
 }
 
-/// A fetched row group to decode.
+/// Where the bytes of a row group to decode come from.
+enum Source {
+    Fetched(Fetched),
+    /// This range of a local file, read by the task that decodes it.
+    Local(Range<u64>),
+}
+
+/// A row group to decode (and cache).
 struct DecodeJob {
     file: usize,
     rg: usize,
-    source: Fetched,
+    source: Source,
     metadata: ArrowReaderMetadata,
     first_row: u64,
     path: Arc<str>,
+    key: BlockKey,
 }
 
-impl DecodeJob {
-    fn run(self, layout: &Layout, versions_only: bool) -> Result<(usize, usize, Block)> {
-        let only = versions_only.then_some([layout.entity_key, layout.event_ts, layout.created_ts]);
-        let block = decode_row_group(
-            self.source,
-            self.metadata,
-            self.rg,
-            layout,
-            self.first_row,
-            only,
-        )
-        .map_err(|e| e.context(format!("row group {} of {}", self.rg, self.path)))?;
-        Ok((self.file, self.rg, block))
+/// What every job of one `decode_all` shares.
+#[derive(Clone)]
+struct Decode {
+    layout: Arc<Layout>,
+    cache: Arc<ClockCache<BlockKey, Block>>,
+    io: Arc<IoStats>,
+    fill: Fill,
+}
+
+impl Decode {
+    /// Reads (if local), decodes and caches one row group. Caching here rather than on the
+    /// caller puts the eviction (and freeing) of older blocks on the decoding cores too.
+    fn run(&self, job: DecodeJob) -> Result<(usize, usize, Arc<Block>)> {
+        let layout = &self.layout;
+        let source = match job.source {
+            Source::Fetched(fetched) => fetched,
+            Source::Local(range) => {
+                let io = if self.fill == Fill::Prefetch {
+                    &self.io.prefetch
+                } else {
+                    &self.io.data
+                };
+                let offset = range.start;
+                let bytes = crate::storage::read_local_range(&job.path, range, io)
+                    .ok_or_else(|| Error::internal(format!("{} is not local", job.path)))??;
+                Fetched { offset, bytes }
+            }
+        };
+        let only = (self.fill == Fill::Versions).then_some([
+            layout.entity_key,
+            layout.event_ts,
+            layout.created_ts,
+        ]);
+        let block = decode_row_group(source, job.metadata, job.rg, layout, job.first_row, only)
+            .map_err(|e| e.context(format!("row group {} of {}", job.rg, job.path)))?;
+        let block = self.cache.insert(job.key, Arc::new(block));
+        Ok((job.file, job.rg, block))
     }
 }
 
@@ -768,15 +838,11 @@ const DECODE_INLINE: usize = 4;
 /// cores to requests.
 async fn decode_all(
     jobs: Vec<DecodeJob>,
-    layout: &Arc<Layout>,
-    fill: Fill,
-) -> Result<Vec<(usize, usize, Block)>> {
-    let versions_only = fill == Fill::Versions;
+    decode: Decode,
+) -> Result<Vec<(usize, usize, Arc<Block>)>> {
+    let fill = decode.fill;
     if fill == Fill::Cache && jobs.len() <= DECODE_INLINE {
-        return jobs
-            .into_iter()
-            .map(|j| j.run(layout, versions_only))
-            .collect();
+        return jobs.into_iter().map(|j| decode.run(j)).collect();
     }
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let per_task = jobs.len().div_ceil(cores);
@@ -784,17 +850,17 @@ async fn decode_all(
     let mut tasks = Vec::new();
     while jobs.peek().is_some() {
         let chunk: Vec<DecodeJob> = jobs.by_ref().take(per_task).collect();
-        let layout = layout.clone();
-        let decode = move || {
+        let decode = decode.clone();
+        let run = move || {
             chunk
                 .into_iter()
-                .map(|j| j.run(&layout, versions_only))
+                .map(|j| decode.run(j))
                 .collect::<Result<Vec<_>>>()
         };
         tasks.push(async move {
             match fill {
-                Fill::Cache => runtime::blocking(decode).await,
-                Fill::Prefetch | Fill::Versions => runtime::background_blocking(decode).await,
+                Fill::Cache => runtime::blocking(run).await,
+                Fill::Prefetch | Fill::Versions => runtime::background_blocking(run).await,
             }
         });
     }
@@ -895,11 +961,27 @@ fn decode_row_group(
     let borrows = columns
         .iter()
         .any(|c| matches!(c, Cells::Plain(p) if p.borrows_source()));
-    let mut block = Block::new(columns, rows, layout, first_position);
+    let sorted = match file_column(schema, ENTITY_KEY) {
+        FileColumn::Flat(leaf) => sorted_by(row_group, leaf),
+        _ => false,
+    };
+    let mut block = Block::new(columns, rows, layout, first_position, sorted);
     if borrows {
         block.bytes += source.bytes.len();
     }
     Ok(block)
+}
+
+/// Whether the row group declares its rows sorted by leaf column `leaf`, ascending
+/// (Parquet's `sorting_columns`, which our writer sets only after checking), the column being
+/// required, so no null sits among the keys.
+fn sorted_by(row_group: &RowGroupMetaData, leaf: usize) -> bool {
+    let first = row_group.sorting_columns().and_then(|c| c.first());
+    first.is_some_and(|c| {
+        usize::try_from(c.column_idx) == Ok(leaf)
+            && !c.descending
+            && row_group.column(leaf).column_descr().max_def_level() == 0
+    })
 }
 
 /// Root columns `roots` of row group `rg`, decoded by Arrow.
@@ -1271,6 +1353,44 @@ mod tests {
                 }
             }
             assert!(got.find(b"key-none").is_none());
+        }
+
+        // Our writer declares the key order only where it holds; a row group that does not
+        // declare it is checked, and its keys are still found.
+        let declared = |batch: &RecordBatch| {
+            crate::write::writer_properties_for(batch)
+                .sorting_columns()
+                .cloned()
+        };
+        assert!(declared(&batch).is_some());
+        let backwards = arrow_array::UInt32Array::from_iter_values((0..rows as u32).rev());
+        let reversed = arrow_select::take::take_record_batch(&batch, &backwards).unwrap();
+        assert!(declared(&reversed).is_none());
+        for (batch, sorted) in [(&batch, true), (&reversed, false)] {
+            let mut file = Vec::new();
+            let props = crate::write::writer_properties_for(batch);
+            let mut writer =
+                parquet::arrow::ArrowWriter::try_new(&mut file, arrow.clone(), Some(props))
+                    .unwrap();
+            writer.write(batch).unwrap();
+            writer.close().unwrap();
+            let data = Bytes::from(file);
+            let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+                .parse_and_finish(&data)
+                .unwrap();
+            let index = FileIndex::new("mem", Arc::new(meta), vec![]).unwrap();
+            let entry = &index.row_groups[0];
+            let source = Fetched {
+                offset: entry.bytes.start,
+                bytes: data.slice(entry.bytes.start as usize..entry.bytes.end as usize),
+            };
+            let meta = index.reader_metadata.clone();
+            let block = decode_row_group(source, meta, 0, &layout, 0, None).unwrap();
+            assert_eq!(block.order.is_none(), sorted);
+            for row in 0..entry.rows {
+                let key = block.key(row).unwrap().to_vec();
+                assert_eq!(block.find(&key).map(|(r, _)| r), Some(row));
+            }
         }
     }
 

@@ -40,6 +40,24 @@ fn is_local(path: &str) -> bool {
     path.starts_with("file:/") || path.starts_with('/')
 }
 
+/// `range` of `path` read on the calling thread if the file is local (None otherwise): for
+/// work already on a blocking thread. Counted in `io` like any read.
+pub fn read_local_range(
+    path: &str,
+    range: std::ops::Range<u64>,
+    io: &IoCounter,
+) -> Option<Result<Bytes>> {
+    if !is_local(path) {
+        return None;
+    }
+    let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
+    Some(
+        local::read_range(path, range)
+            .map_err(Error::from)
+            .inspect(|_| io.add(len)),
+    )
+}
+
 /// Dispatches every call to the storage of the path's scheme.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct Routed {
