@@ -71,10 +71,13 @@ fn join_error(e: tokio::task::JoinError) -> Error {
     }
 }
 
-/// Runs `f` on the blocking pool, now: for the short decodes of a read, which must never
-/// queue behind a write's jobs.
-pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(join_error)
+/// Runs `f` on the blocking pool, started now (not when awaited): for the short decodes of a
+/// read, which must never queue behind a write's jobs.
+pub fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl Future<Output = Result<T>> {
+    let task = tokio::task::spawn_blocking(f);
+    async move { task.await.map_err(join_error) }
 }
 
 /// The machine's cores (what the CPU slots and bounded write tasks count).
@@ -113,12 +116,13 @@ fn background() -> Result<Arc<Runtime>> {
     })
 }
 
-/// Runs `f` on a low-priority thread, now: background work that yields the cores to reads
-/// (preparing a new snapshot for them).
-pub async fn background_blocking<T: Send + 'static>(
+/// Runs `f` on a low-priority thread, started now (not when awaited): background work that
+/// yields the cores to reads (preparing a new snapshot for them).
+pub fn background_blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T> {
-    background()?.spawn_blocking(f).await.map_err(join_error)
+) -> impl Future<Output = Result<T>> {
+    let task = background().map(|rt| rt.spawn_blocking(f));
+    async move { task?.await.map_err(join_error) }
 }
 
 /// Runs the CPU-heavy `f` of a write on a low-priority thread, once one of the process's

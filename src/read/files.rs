@@ -799,6 +799,27 @@ struct Decode {
 }
 
 impl Decode {
+    /// Runs jobs from `queue` until it is empty; on an error, empties it so that the other
+    /// threads stop too.
+    fn drain(
+        &self,
+        queue: &Mutex<std::vec::IntoIter<DecodeJob>>,
+    ) -> Result<Vec<(usize, usize, Arc<Block>)>> {
+        let mut out = Vec::new();
+        loop {
+            let Some(job) = lock(queue).next() else {
+                return Ok(out);
+            };
+            match self.run(job) {
+                Ok(done) => out.push(done),
+                Err(e) => {
+                    lock(queue).by_ref().for_each(drop);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
     /// Reads (if local), decodes and caches one row group. Caching here rather than on the
     /// caller puts the eviction (and freeing) of older blocks on the decoding cores too.
     fn run(&self, job: DecodeJob) -> Result<(usize, usize, Arc<Block>)> {
@@ -832,45 +853,47 @@ impl Decode {
 /// Row groups a request decodes on its own thread rather than handing them to another.
 const DECODE_INLINE: usize = 4;
 
-/// Decodes `jobs` in at most one task per core: those of a request on the blocking pool, up
-/// to `DECODE_INLINE` of them right here; background preparation (`Fill::Prefetch`) and a
-/// write's lookups (`Fill::Versions`) on the low-priority threads, so that they yield the
-/// cores to requests.
+/// Decodes `jobs` on one thread per core, each taking the next job when done with its last
+/// (splitting the jobs up front left a request waiting on whichever thread the OS had paused).
+/// A request's own thread is one of them, with helpers from the blocking pool once it has more
+/// than `DECODE_INLINE`; background preparation (`Fill::Prefetch`) and a write's lookups
+/// (`Fill::Versions`) run only on the low-priority threads, so that they yield the cores to
+/// requests.
 async fn decode_all(
     jobs: Vec<DecodeJob>,
     decode: Decode,
 ) -> Result<Vec<(usize, usize, Arc<Block>)>> {
-    let fill = decode.fill;
-    if fill == Fill::Cache && jobs.len() <= DECODE_INLINE {
-        return jobs.into_iter().map(|j| decode.run(j)).collect();
-    }
-    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-    let per_task = jobs.len().div_ceil(cores);
-    let mut jobs = jobs.into_iter().peekable();
-    let mut tasks = Vec::new();
-    while jobs.peek().is_some() {
-        let chunk: Vec<DecodeJob> = jobs.by_ref().take(per_task).collect();
-        let decode = decode.clone();
-        let run = move || {
-            chunk
-                .into_iter()
-                .map(|j| decode.run(j))
-                .collect::<Result<Vec<_>>>()
-        };
-        tasks.push(async move {
-            match fill {
-                Fill::Cache => runtime::blocking(run).await,
-                Fill::Prefetch | Fill::Versions => runtime::background_blocking(run).await,
+    let request = decode.fill == Fill::Cache;
+    let threads = if request && jobs.len() <= DECODE_INLINE {
+        1
+    } else {
+        runtime::cores().min(jobs.len())
+    };
+    let queue = Arc::new(Mutex::new(jobs.into_iter()));
+    let helpers = (usize::from(request)..threads)
+        .map(|_| {
+            let (decode, queue) = (decode.clone(), queue.clone());
+            let work = move || decode.drain(&queue);
+            if request {
+                runtime::blocking(work).boxed()
+            } else {
+                runtime::background_blocking(work).boxed()
             }
-        });
+        })
+        .collect::<Vec<_>>();
+    let mut done = if request {
+        decode.drain(&queue)
+    } else {
+        Ok(Vec::new())
+    };
+    for helper in futures::future::join_all(helpers).await {
+        match (&mut done, helper.and_then(|r| r)) {
+            (Ok(all), Ok(theirs)) => all.extend(theirs),
+            (Ok(_), Err(e)) => done = Err(e),
+            (Err(_), _) => {}
+        }
     }
-    let done = futures::future::try_join_all(tasks).await?;
-    Ok(done
-        .into_iter()
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-        .collect())
+    done
 }
 
 /// Where a table column lies in a file's schema (matched by name, as `align_to` does).
