@@ -542,10 +542,10 @@ impl DataFiles {
                 key: key(index, rg, versions_only),
             }
         };
-        let jobs: Vec<DecodeJob> = if missing
+        let local = missing
             .iter()
-            .all(|(i, _)| !crate::storage::is_remote(&wanted[*i].0.path))
-        {
+            .all(|(i, _)| !crate::storage::is_remote(&wanted[*i].0.path));
+        let jobs: Vec<DecodeJob> = if local {
             // Local reads cost about what copying the bytes does: each decode task reads its
             // own row groups, so a request's reads run on every core its decodes do.
             missing
@@ -582,7 +582,7 @@ impl DataFiles {
             io: io.clone(),
             fill,
         };
-        for (file, rg, block) in decode_all(jobs, decode).await? {
+        for (file, rg, block) in decode_all(jobs, decode, local).await? {
             for (slot, &want) in out[file].iter_mut().zip(&wanted[file].1) {
                 if want == rg && slot.is_none() {
                     *slot = Some(block.clone());
@@ -855,22 +855,27 @@ const DECODE_INLINE: usize = 4;
 
 /// Decodes `jobs` on one thread per core, each taking the next job when done with its last
 /// (splitting the jobs up front left a request waiting on whichever thread the OS had paused).
-/// A request's own thread is one of them, with helpers from the blocking pool once it has more
-/// than `DECODE_INLINE`; background preparation (`Fill::Prefetch`) and a write's lookups
-/// (`Fill::Versions`) run only on the low-priority threads, so that they yield the cores to
-/// requests.
+/// Up to `DECODE_INLINE` jobs of a request run on its own thread. Past that, helpers from the
+/// blocking pool join in; the request's thread stays one of the decoders only when the files
+/// are `local`: on object storage it may be one of the runtime's two workers, which every
+/// other read needs free to see its responses. Background preparation (`Fill::Prefetch`) and
+/// a write's lookups (`Fill::Versions`) run only on the low-priority threads, so that they
+/// yield the cores to requests.
 async fn decode_all(
     jobs: Vec<DecodeJob>,
     decode: Decode,
+    local: bool,
 ) -> Result<Vec<(usize, usize, Arc<Block>)>> {
     let request = decode.fill == Fill::Cache;
-    let threads = if request && jobs.len() <= DECODE_INLINE {
+    let few = jobs.len() <= DECODE_INLINE;
+    let inline = request && (few || local);
+    let threads = if request && few {
         1
     } else {
         runtime::cores().min(jobs.len())
     };
     let queue = Arc::new(Mutex::new(jobs.into_iter()));
-    let helpers = (usize::from(request)..threads)
+    let helpers = (usize::from(inline)..threads)
         .map(|_| {
             let (decode, queue) = (decode.clone(), queue.clone());
             let work = move || decode.drain(&queue);
@@ -881,7 +886,7 @@ async fn decode_all(
             }
         })
         .collect::<Vec<_>>();
-    let mut done = if request {
+    let mut done = if inline {
         decode.drain(&queue)
     } else {
         Ok(Vec::new())
