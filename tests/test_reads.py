@@ -215,9 +215,7 @@ def test_incompressible_columns_are_stored_uncompressed_and_read_exactly(
     # spares a miss checking the order.
     keys = pq.read_table(data_file, columns=["entity_key"]).column("entity_key").to_pylist()
     assert keys == sorted(keys)
-    key_leaf = [footer.schema.column(c).path for c in range(footer.num_columns)].index(
-        "entity_key"
-    )
+    key_leaf = [footer.schema.column(c).path for c in range(footer.num_columns)].index("entity_key")
     for rg in range(footer.num_row_groups):
         (order,) = footer.row_group(rg).sorting_columns
         assert (order.column_index, order.descending) == (key_leaf, False)
