@@ -544,7 +544,7 @@ impl DataFiles {
         };
         let local = missing
             .iter()
-            .all(|(i, _)| !crate::storage::is_remote(&wanted[*i].0.path));
+            .all(|(i, _)| crate::storage::is_local(&wanted[*i].0.path));
         let jobs: Vec<DecodeJob> = if local {
             // Local reads cost about what copying the bytes does: each decode task reads its
             // own row groups, so a request's reads run on every core its decodes do.
@@ -833,8 +833,7 @@ impl Decode {
                     &self.io.data
                 };
                 let offset = range.start;
-                let bytes = crate::storage::read_local_range(&job.path, range, io)
-                    .ok_or_else(|| Error::internal(format!("{} is not local", job.path)))??;
+                let bytes = crate::storage::read_local_range(&job.path, range, io)?;
                 Fetched { offset, bytes }
             }
         };

@@ -36,26 +36,17 @@ pub fn is_remote(path: &str) -> bool {
     is_s3(path)
 }
 
-fn is_local(path: &str) -> bool {
+/// Local files: `file:/...` or an absolute path.
+pub fn is_local(path: &str) -> bool {
     path.starts_with("file:/") || path.starts_with('/')
 }
 
-/// `range` of `path` read on the calling thread if the file is local (None otherwise): for
-/// work already on a blocking thread. Counted in `io` like any read.
-pub fn read_local_range(
-    path: &str,
-    range: std::ops::Range<u64>,
-    io: &IoCounter,
-) -> Option<Result<Bytes>> {
-    if !is_local(path) {
-        return None;
-    }
-    let len = usize::try_from(range.end.saturating_sub(range.start)).unwrap_or(usize::MAX);
-    Some(
-        local::read_range(path, range)
-            .map_err(Error::from)
-            .inspect(|_| io.add(len)),
-    )
+/// `range` of the local file `path` (`is_local`), read on the calling thread: for work
+/// already on a blocking thread. Counted in `io` like any read.
+pub fn read_local_range(path: &str, range: std::ops::Range<u64>, io: &IoCounter) -> Result<Bytes> {
+    let bytes = local::read_range(path, range)?;
+    io.add(bytes.len());
+    Ok(bytes)
 }
 
 /// Dispatches every call to the storage of the path's scheme.
