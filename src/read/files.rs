@@ -910,12 +910,16 @@ enum FileColumn {
     Missing,
 }
 
-fn file_column(schema: &SchemaDescriptor, name: &str) -> FileColumn {
-    let leaf = schema.columns().iter().position(|c| {
+/// The leaf of top-level column `name` when it is flat (not a list or struct).
+pub fn flat_leaf(schema: &SchemaDescriptor, name: &str) -> Option<usize> {
+    schema.columns().iter().position(|c| {
         let parts = c.path().parts();
         parts.len() == 1 && parts[0] == name
-    });
-    match leaf {
+    })
+}
+
+fn file_column(schema: &SchemaDescriptor, name: &str) -> FileColumn {
+    match flat_leaf(schema, name) {
         Some(leaf) => FileColumn::Flat(leaf),
         None => match schema
             .root_schema()

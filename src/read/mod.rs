@@ -31,7 +31,7 @@ pub use deletes::{
     BucketDeletes, DELETE_FILE_PATH, DELETE_FILE_PATH_ID, DELETE_POS, DELETE_POS_ID,
     PositionDeletes,
 };
-pub use files::{DataFiles, Fill, Hit, load_whole_file, read_whole_parquet};
+pub use files::{DataFiles, Fill, Hit, flat_leaf, load_whole_file, read_whole_parquet};
 pub use index::FileIndex;
 pub use response::{Wanted, push_feature_vectors, push_response_head};
 pub use warm::{WarmPlan, warm, warm_plan};

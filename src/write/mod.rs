@@ -86,10 +86,7 @@ fn key_order(batch: &RecordBatch) -> Option<Vec<SortingColumn>> {
         return None;
     }
     let schema = ArrowSchemaConverter::new().convert(&batch.schema()).ok()?;
-    let leaf = schema
-        .columns()
-        .iter()
-        .position(|c| c.path().parts() == [ENTITY_KEY])?;
+    let leaf = crate::read::flat_leaf(&schema, ENTITY_KEY)?;
     Some(vec![SortingColumn {
         column_idx: i32::try_from(leaf).ok()?,
         descending: false,
