@@ -1094,6 +1094,32 @@ pub async fn load_whole_file(
 mod tests {
     use super::*;
 
+    /// `batch` written as one Parquet file with `props`, and the file's key index.
+    fn parquet_file(
+        batch: &RecordBatch,
+        props: parquet::file::properties::WriterProperties,
+    ) -> (Bytes, FileIndex) {
+        let mut file = Vec::new();
+        let mut writer =
+            parquet::arrow::ArrowWriter::try_new(&mut file, batch.schema(), Some(props)).unwrap();
+        writer.write(batch).unwrap();
+        writer.close().unwrap();
+        let data = Bytes::from(file);
+        let meta = parquet::file::metadata::ParquetMetaDataReader::new()
+            .parse_and_finish(&data)
+            .unwrap();
+        let index = FileIndex::new("mem", Arc::new(meta), vec![]).unwrap();
+        (data, index)
+    }
+
+    /// The bytes of one row group of `data`, as a miss reads them.
+    fn row_group_bytes(data: &Bytes, entry: &crate::read::index::RowGroupEntry) -> Fetched {
+        Fetched {
+            offset: entry.bytes.start,
+            bytes: data.slice(entry.bytes.start as usize..entry.bytes.end as usize),
+        }
+    }
+
     /// What a miss costs in CPU, on a real file: `DECODE_FILE=<data file>
     /// DECODE_METADATA=<its table's metadata.json> cargo test --release decode_cost -- --ignored --nocapture`.
     #[test]
@@ -1312,28 +1338,12 @@ mod tests {
             })
             .collect();
         let batch = RecordBatch::try_new(arrow.clone(), columns).unwrap();
-        let mut file = Vec::new();
-        let mut writer = parquet::arrow::ArrowWriter::try_new(
-            &mut file,
-            arrow.clone(),
-            Some(crate::write::writer_properties()),
-        )
-        .unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
-        let data = Bytes::from(file);
-        let meta = parquet::file::metadata::ParquetMetaDataReader::new()
-            .parse_and_finish(&data)
-            .unwrap();
-        let index = FileIndex::new("mem", Arc::new(meta), vec![]).unwrap();
+        let (data, index) = parquet_file(&batch, crate::write::writer_properties());
         assert_eq!(index.row_groups.len(), 3);
         let roots: Vec<usize> = (0..arrow.fields().len()).collect();
         let wanted: Vec<&Column> = layout.join_keys.iter().chain(&layout.features).collect();
         for (rg, entry) in index.row_groups.iter().enumerate() {
-            let source = Fetched {
-                offset: entry.bytes.start,
-                bytes: data.slice(entry.bytes.start as usize..entry.bytes.end as usize),
-            };
+            let source = row_group_bytes(&data, entry);
             let meta = index.reader_metadata.clone();
             let by_arrow = decode_by_arrow(source.clone(), meta.clone(), rg, &roots).unwrap();
             let expect = Block::from_batch(
@@ -1398,24 +1408,10 @@ mod tests {
         let reversed = arrow_select::take::take_record_batch(&batch, &backwards).unwrap();
         assert!(declared(&reversed).is_none());
         for (batch, sorted) in [(&batch, true), (&reversed, false)] {
-            let mut file = Vec::new();
-            let props = crate::write::writer_properties_for(batch);
-            let mut writer =
-                parquet::arrow::ArrowWriter::try_new(&mut file, arrow.clone(), Some(props))
-                    .unwrap();
-            writer.write(batch).unwrap();
-            writer.close().unwrap();
-            let data = Bytes::from(file);
-            let meta = parquet::file::metadata::ParquetMetaDataReader::new()
-                .parse_and_finish(&data)
-                .unwrap();
-            let index = FileIndex::new("mem", Arc::new(meta), vec![]).unwrap();
+            let (data, index) = parquet_file(batch, crate::write::writer_properties_for(batch));
             let entry = &index.row_groups[0];
-            let source = Fetched {
-                offset: entry.bytes.start,
-                bytes: data.slice(entry.bytes.start as usize..entry.bytes.end as usize),
-            };
             let meta = index.reader_metadata.clone();
+            let source = row_group_bytes(&data, entry);
             let block = decode_row_group(source, meta, 0, &layout, 0, None).unwrap();
             assert_eq!(block.order.is_none(), sorted);
             for row in 0..entry.rows {
