@@ -40,29 +40,20 @@ use crate::table::LiveFile;
 pub struct CountingReader {
     inner: Box<dyn FileRead>,
     io: Arc<IoStats>,
-    prefetch: bool,
+    fill: Fill,
 }
 
 impl CountingReader {
-    pub async fn open(
-        file_io: &FileIO,
-        path: &str,
-        io: &Arc<IoStats>,
-        prefetch: bool,
-    ) -> Result<Self> {
+    pub async fn open(file_io: &FileIO, path: &str, io: &Arc<IoStats>, fill: Fill) -> Result<Self> {
         Ok(Self {
             inner: file_io.new_input(path)?.reader().await?,
             io: io.clone(),
-            prefetch,
+            fill,
         })
     }
 
     fn counter(&self) -> &IoCounter {
-        if self.prefetch {
-            &self.io.prefetch
-        } else {
-            &self.io.data
-        }
+        self.fill.counter(&self.io)
     }
 
     pub(super) async fn read(&self, range: Range<u64>) -> Result<Bytes> {
@@ -367,6 +358,17 @@ pub enum Fill {
     Versions,
 }
 
+impl Fill {
+    /// Where the reads of this fill are counted: background preparation apart from the rest.
+    fn counter(self, io: &IoStats) -> &IoCounter {
+        if self == Self::Prefetch {
+            &io.prefetch
+        } else {
+            &io.data
+        }
+    }
+}
+
 /// What a store knows of data files: key indexes of live files, decoded row groups within a
 /// byte budget, decoded position deletes.
 pub struct DataFiles {
@@ -429,7 +431,7 @@ impl DataFiles {
         if let Some(hit) = lock(&self.indexes).get(file.path()) {
             return Ok(hit.clone());
         }
-        let reader = CountingReader::open(file_io, file.path(), io, fill == Fill::Prefetch).await?;
+        let reader = CountingReader::open(file_io, file.path(), io, fill).await?;
         let size = file.entry.file_size_in_bytes();
         let rows = file.entry.record_count();
         let background = fill != Fill::Cache;
@@ -756,7 +758,7 @@ async fn fetch_row_groups(
         .map(|&rg| index.row_groups[rg].bytes.clone())
         .collect();
     let merged = merge_ranges(&ranges, coalesce_gap(&index.path));
-    let reader = CountingReader::open(file_io, &index.path, io, fill == Fill::Prefetch).await?;
+    let reader = CountingReader::open(file_io, &index.path, io, fill).await?;
     let fetched =
         futures::future::try_join_all(merged.iter().map(|r| reader.read(r.clone()))).await?;
     Ok(ranges
@@ -827,12 +829,8 @@ impl Decode {
         let source = match job.source {
             Source::Fetched(fetched) => fetched,
             Source::Local(range) => {
-                let io = if self.fill == Fill::Prefetch {
-                    &self.io.prefetch
-                } else {
-                    &self.io.data
-                };
                 let offset = range.start;
+                let io = self.fill.counter(&self.io);
                 let bytes = crate::storage::read_local_range(&job.path, range, io)?;
                 Fetched { offset, bytes }
             }
