@@ -274,22 +274,21 @@ async fn write_bucket_in(
     batch: RecordBatch,
     prefix: String,
 ) -> Result<Vec<DataFile>> {
-    let md = &state.metadata;
-    let parquet =
-        ParquetWriterBuilder::new(writer_properties_for(&batch), state.layout.schema.clone());
-    let rolling = RollingFileWriterBuilder::new_with_default_file_size(
-        parquet,
-        io.file_io.clone(),
-        DefaultLocationGenerator::with_data_location(io.placement.data_dir(md)),
-        DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet),
-    );
+    let (file_io, schema) = (io.file_io.clone(), state.layout.schema.clone());
+    let location =
+        DefaultLocationGenerator::with_data_location(io.placement.data_dir(&state.metadata));
+    let names = DefaultFileNameGenerator::new(prefix, None, DataFileFormat::Parquet);
     let key = PartitionKey::new(
         spec.clone(),
         state.layout.schema.clone(),
         Struct::from_iter([Some(Literal::int(bucket))]),
     );
-    // Encoding and compressing happen inside the writer's futures: CPU work, in a cpu slot.
+    // Choosing the codecs (an LZ4 trial per column) and checking the key order, encoding and
+    // compressing: CPU work, in a cpu slot, off the async workers.
     crate::runtime::cpu_future(async move {
+        let parquet = ParquetWriterBuilder::new(writer_properties_for(&batch), schema);
+        let rolling =
+            RollingFileWriterBuilder::new_with_default_file_size(parquet, file_io, location, names);
         let mut writer = DataFileWriterBuilder::new(rolling).build(Some(key)).await?;
         writer.write(batch).await?;
         Ok(writer.close().await?)
