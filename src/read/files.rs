@@ -27,7 +27,7 @@ use parquet::schema::types::SchemaDescriptor;
 
 use super::cache::{CacheStats, ClockCache, Weighted};
 use super::deletes::{BucketDeletes, PositionDeletes, load_deletes};
-use super::index::FileIndex;
+use super::index::{FileIndex, RowGroupFooter};
 use super::plain::{self, Cells};
 use super::{Version, align_to};
 use crate::error::{Error, Result};
@@ -538,7 +538,7 @@ impl DataFiles {
                 file: i,
                 rg,
                 source,
-                metadata: index.reader_metadata.clone(),
+                index: index.clone(),
                 first_row: index.row_groups[rg].first_row,
                 path: index.path.clone(),
                 key: key(index, rg, versions_only),
@@ -785,7 +785,7 @@ struct DecodeJob {
     file: usize,
     rg: usize,
     source: Source,
-    metadata: ArrowReaderMetadata,
+    index: Arc<FileIndex>,
     first_row: u64,
     path: Arc<str>,
     key: BlockKey,
@@ -840,7 +840,10 @@ impl Decode {
             layout.event_ts,
             layout.created_ts,
         ]);
-        let block = decode_row_group(source, job.metadata, job.rg, layout, job.first_row, only)
+        let block = job
+            .index
+            .footer(job.rg)
+            .and_then(|footer| decode_row_group(source, &footer, layout, job.first_row, only))
             .map_err(|e| e.context(format!("row group {} of {}", job.rg, job.path)))?;
         let block = self.cache.insert(job.key, Arc::new(block));
         Ok((job.file, job.rg, block))
@@ -931,20 +934,18 @@ fn file_column(schema: &SchemaDescriptor, name: &str) -> FileColumn {
     }
 }
 
-/// Decodes row group `rg` for point reads: flat PLAIN columns in place (`plain`), the others
-/// by Arrow, together, projected to just them. With `only`, just those table columns are
-/// decoded; the others read as null.
+/// Decodes a row group (`footer`) for point reads: flat PLAIN columns in place (`plain`),
+/// the others by Arrow, together, projected to just them. With `only`, just those table
+/// columns are decoded; the others read as null.
 fn decode_row_group(
     source: Fetched,
-    metadata: ArrowReaderMetadata,
-    rg: usize,
+    footer: &RowGroupFooter,
     layout: &Layout,
     first_position: u64,
     only: Option<[usize; 3]>,
 ) -> Result<Block> {
-    let meta = metadata.metadata().clone();
-    let row_group = meta.row_group(rg);
-    let schema = meta.file_metadata().schema_descr();
+    let row_group = footer.row_group();
+    let schema = footer.schema();
     let rows = usize::try_from(row_group.num_rows()).unwrap_or(0);
     let source = Arc::new(source);
     let mut columns: Vec<Option<Cells>> = Vec::with_capacity(layout.arrow.fields().len());
@@ -968,7 +969,7 @@ fn decode_row_group(
         columns.push(cells);
     }
     if !by_arrow.is_empty() {
-        let batch = decode_by_arrow(source.as_ref().clone(), metadata, rg, &by_arrow)?;
+        let batch = decode_by_arrow(source.as_ref().clone(), footer.arrow()?, 0, &by_arrow)?;
         for (slot, field) in columns.iter_mut().zip(layout.arrow.fields()) {
             if slot.is_none() {
                 let column = batch.column_by_name(field.name()).ok_or_else(|| {
@@ -1143,20 +1144,12 @@ mod tests {
             }
         };
         let runs = 2000;
-        let all_roots: Vec<usize> = (0..index
-            .reader_metadata
-            .metadata()
-            .file_metadata()
-            .schema_descr()
-            .root_schema()
-            .get_fields()
-            .len())
-            .collect();
+        let all_roots: Vec<usize> = (0..index.schema().root_schema().get_fields().len()).collect();
         let t = Instant::now();
         for i in 0..runs {
             let rg = (i * 7919) % n;
-            let batch =
-                decode_by_arrow(source(rg), index.reader_metadata.clone(), rg, &all_roots).unwrap();
+            let arrow = index.footer(rg).unwrap().arrow().unwrap();
+            let batch = decode_by_arrow(source(rg), arrow, 0, &all_roots).unwrap();
             std::hint::black_box(Block::from_batch(
                 &align_to(&batch, &layout.arrow).unwrap(),
                 &layout,
@@ -1167,24 +1160,20 @@ mod tests {
         let t = Instant::now();
         for i in 0..runs {
             let rg = (i * 7919) % n;
-            std::hint::black_box(
-                decode_row_group(
-                    source(rg),
-                    index.reader_metadata.clone(),
-                    rg,
-                    &layout,
-                    0,
-                    None,
-                )
-                .unwrap(),
-            );
+            let footer = index.footer(rg).unwrap();
+            std::hint::black_box(decode_row_group(source(rg), &footer, &layout, 0, None).unwrap());
         }
         println!(
             "decode row group: in place {:?}, by Arrow {arrow:?} ({n} row groups)",
             t.elapsed() / runs as u32
         );
-        let meta = index.reader_metadata.metadata();
-        let rg0 = meta.row_group(0);
+        let t = Instant::now();
+        for i in 0..runs {
+            std::hint::black_box(index.footer((i * 7919) % n).unwrap());
+        }
+        println!("footer of a row group: {:?}", t.elapsed() / runs as u32);
+        let footer = index.footer(0).unwrap();
+        let rg0 = footer.row_group();
         let src = Arc::new(source(0));
         for (leaf, field) in layout
             .arrow
@@ -1342,26 +1331,19 @@ mod tests {
         let wanted: Vec<&Column> = layout.join_keys.iter().chain(&layout.features).collect();
         for (rg, entry) in index.row_groups.iter().enumerate() {
             let source = row_group_bytes(&data, entry);
-            let meta = index.reader_metadata.clone();
-            let by_arrow = decode_by_arrow(source.clone(), meta.clone(), rg, &roots).unwrap();
+            let footer = index.footer(rg).unwrap();
+            let by_arrow =
+                decode_by_arrow(source.clone(), footer.arrow().unwrap(), 0, &roots).unwrap();
             let expect = Block::from_batch(
                 &align_to(&by_arrow, &arrow).unwrap(),
                 &layout,
                 entry.first_row,
             );
-            let got = decode_row_group(
-                source.clone(),
-                meta.clone(),
-                rg,
-                &layout,
-                entry.first_row,
-                None,
-            )
-            .unwrap();
+            let got =
+                decode_row_group(source.clone(), &footer, &layout, entry.first_row, None).unwrap();
             let versions = decode_row_group(
                 source,
-                meta,
-                rg,
+                &footer,
                 &layout,
                 entry.first_row,
                 Some([layout.entity_key, layout.event_ts, layout.created_ts]),
@@ -1408,9 +1390,9 @@ mod tests {
         for (batch, sorted) in [(&batch, true), (&reversed, false)] {
             let (data, index) = parquet_file(batch, crate::write::writer_properties_for(batch));
             let entry = &index.row_groups[0];
-            let meta = index.reader_metadata.clone();
+            let footer = index.footer(0).unwrap();
             let source = row_group_bytes(&data, entry);
-            let block = decode_row_group(source, meta, 0, &layout, 0, None).unwrap();
+            let block = decode_row_group(source, &footer, &layout, 0, None).unwrap();
             assert_eq!(block.order.is_none(), sorted);
             for row in 0..entry.rows {
                 let key = block.key(row).unwrap().to_vec();

@@ -12,12 +12,15 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+use parquet::basic::{Compression, EncodingMask};
 use parquet::bloom_filter::Sbbf;
 use parquet::file::FOOTER_SIZE;
 use parquet::file::metadata::{
-    FooterTail, ParquetMetaData, ParquetMetaDataBuilder, ParquetMetaDataReader,
+    ColumnChunkMetaData, FileMetaData, FooterTail, ParquetMetaData, ParquetMetaDataReader,
+    RowGroupMetaData, SortingColumn,
 };
 use parquet::file::statistics::Statistics;
+use parquet::schema::types::SchemaDescriptor;
 
 use super::files::{CountingReader, Fetched};
 use crate::error::{Error, Result};
@@ -41,6 +44,37 @@ pub struct RowGroupEntry {
     pub rows: usize,
     /// All column chunks of the row group, as one byte range of the file.
     pub bytes: Range<u64>,
+    /// What decoding needs of each column chunk (`RowGroupMetaData` is rebuilt from it).
+    chunks: Box<[Chunk]>,
+    sorting: Option<Box<[SortingColumn]>>,
+}
+
+/// The part of a column chunk's footer entry that decoding reads. Parquet's own
+/// `ColumnChunkMetaData` is ~580 bytes in memory (most of it room for statistics, histograms
+/// and encryption we never hold), which made the footers 14 of the index's 16 bytes per key.
+#[derive(Debug)]
+struct Chunk {
+    data_page: i64,
+    dictionary_page: Option<i64>,
+    compressed: i64,
+    uncompressed: i64,
+    values: i64,
+    compression: Compression,
+    encodings: EncodingMask,
+}
+
+impl Chunk {
+    fn of(c: &ColumnChunkMetaData) -> Self {
+        Self {
+            data_page: c.data_page_offset(),
+            dictionary_page: c.dictionary_page_offset(),
+            compressed: c.compressed_size(),
+            uncompressed: c.uncompressed_size(),
+            values: c.num_values(),
+            compression: c.compression(),
+            encodings: *c.encodings_mask(),
+        }
+    }
 }
 
 /// The key index of one data file.
@@ -51,10 +85,34 @@ pub struct FileIndex {
     /// Row groups ordered by key with disjoint ranges (our writer's files): a key is found by
     /// binary search. Otherwise every row group whose range covers the key is a candidate.
     sorted: bool,
-    /// The footer (without page indexes), to decode row groups without reading it again.
-    pub reader_metadata: ArrowReaderMetadata,
+    /// The footer's file-level part (schema, key-value metadata), to decode row groups
+    /// without reading the footer again.
+    file: FileMetaData,
     /// Memory this index holds.
     pub bytes: usize,
+}
+
+/// The footer of one row group, rebuilt for decoding it: a `ParquetMetaData` holding just
+/// that row group (as row group 0).
+pub struct RowGroupFooter(Arc<ParquetMetaData>);
+
+impl RowGroupFooter {
+    pub fn row_group(&self) -> &RowGroupMetaData {
+        self.0.row_group(0)
+    }
+
+    pub fn schema(&self) -> &SchemaDescriptor {
+        self.0.file_metadata().schema_descr()
+    }
+
+    /// The footer as Arrow's reader takes it (the file's Arrow schema decoded again: only
+    /// row groups with nested columns need it).
+    pub fn arrow(&self) -> Result<ArrowReaderMetadata> {
+        Ok(ArrowReaderMetadata::try_new(
+            self.0.clone(),
+            ArrowReaderOptions::new(),
+        )?)
+    }
 }
 
 fn key_range(meta: &ParquetMetaData, rg: usize, column: usize) -> Option<KeyRange> {
@@ -86,31 +144,6 @@ fn row_group_bytes(meta: &ParquetMetaData, rg: usize, path: &str) -> Result<Rang
         });
     }
     range.ok_or_else(|| Error::corrupt(path, "row group without columns"))
-}
-
-/// The footer without column statistics: decoding needs none, and the key ranges are kept
-/// in `RowGroupEntry`. Statistics are most of a footer's memory (min/max of every column of
-/// every row group), so dropping them keeps the index at a few bytes per key.
-fn without_statistics(meta: &ParquetMetaData) -> Result<Arc<ParquetMetaData>> {
-    let mut row_groups = Vec::with_capacity(meta.num_row_groups());
-    for rg in meta.row_groups() {
-        let columns = rg
-            .columns()
-            .iter()
-            .map(|c| c.clone().into_builder().clear_statistics().build())
-            .collect::<parquet::errors::Result<Vec<_>>>()?;
-        row_groups.push(
-            rg.clone()
-                .into_builder()
-                .set_column_metadata(columns)
-                .build()?,
-        );
-    }
-    Ok(Arc::new(
-        ParquetMetaDataBuilder::new(meta.file_metadata().clone())
-            .set_row_groups(row_groups)
-            .build(),
-    ))
 }
 
 /// Bytes at the end of one of our files per row group: ~1.1 KiB of footer (13 columns) and
@@ -228,12 +261,15 @@ impl FileIndex {
         for (rg, filter) in filters.into_iter().enumerate() {
             let rows = usize::try_from(meta.row_group(rg).num_rows())
                 .map_err(|_| Error::corrupt(path, "negative row count in footer"))?;
+            let group = meta.row_group(rg);
             row_groups.push(RowGroupEntry {
                 keys: key_range(&meta, rg, column),
                 filter,
                 first_row,
                 rows,
                 bytes: row_group_bytes(&meta, rg, path)?,
+                chunks: group.columns().iter().map(Chunk::of).collect(),
+                sorting: group.sorting_columns().map(|s| s.as_slice().into()),
             });
             first_row += rows as u64;
         }
@@ -250,18 +286,64 @@ impl FileIndex {
                 std::mem::size_of::<RowGroupEntry>()
                     + g.keys.as_ref().map_or(0, |(lo, hi)| lo.len() + hi.len())
                     + g.filter.as_ref().map_or(0, |f| f.num_blocks() * 32)
+                    + std::mem::size_of_val(&*g.chunks)
+                    + g.sorting
+                        .as_ref()
+                        .map_or(0, |s| std::mem::size_of_val(&**s))
             })
             .sum();
-        let meta = without_statistics(&meta)?;
-        let bytes = meta.memory_size() + entries_bytes;
-        let reader_metadata = ArrowReaderMetadata::try_new(meta, ArrowReaderOptions::new())?;
+        let file = meta.file_metadata().clone();
+        let file_bytes = std::mem::size_of::<FileMetaData>()
+            + file.key_value_metadata().map_or(0, |kv| {
+                kv.iter()
+                    .map(|e| e.key.len() + e.value.as_ref().map_or(0, String::len))
+                    .sum()
+            });
         Ok(Self {
             path: Arc::from(path),
             row_groups,
             sorted,
-            reader_metadata,
-            bytes,
+            file,
+            bytes: entries_bytes + file_bytes,
         })
+    }
+
+    /// The file's Parquet schema.
+    pub fn schema(&self) -> &SchemaDescriptor {
+        self.file.schema_descr()
+    }
+
+    /// Row group `rg`'s footer, rebuilt to decode it (a few hundred nanoseconds: small next
+    /// to the decode).
+    pub fn footer(&self, rg: usize) -> Result<RowGroupFooter> {
+        let group = &self.row_groups[rg];
+        let schema = self.file.schema_descr_ptr();
+        let columns = group
+            .chunks
+            .iter()
+            .enumerate()
+            .map(|(leaf, c)| {
+                ColumnChunkMetaData::builder(schema.column(leaf))
+                    .set_data_page_offset(c.data_page)
+                    .set_dictionary_page_offset(c.dictionary_page)
+                    .set_total_compressed_size(c.compressed)
+                    .set_total_uncompressed_size(c.uncompressed)
+                    .set_num_values(c.values)
+                    .set_compression(c.compression)
+                    .set_encodings_mask(c.encodings)
+                    .build()
+            })
+            .collect::<parquet::errors::Result<Vec<_>>>()?;
+        let row_group = RowGroupMetaData::builder(schema)
+            .set_num_rows(i64::try_from(group.rows).unwrap_or(i64::MAX))
+            .set_total_byte_size(columns.iter().map(|c| c.uncompressed_size()).sum())
+            .set_sorting_columns(group.sorting.as_deref().map(<[_]>::to_vec))
+            .set_column_metadata(columns)
+            .build()?;
+        Ok(RowGroupFooter(Arc::new(ParquetMetaData::new(
+            self.file.clone(),
+            vec![row_group],
+        ))))
     }
 
     /// Row groups that may hold `key`.
