@@ -20,7 +20,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use tokio::runtime::{Builder, Runtime};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result};
 
@@ -28,6 +28,7 @@ type PerProcess<T> = Mutex<Option<(u32, Arc<T>)>>;
 
 static RUNTIME: PerProcess<Runtime> = Mutex::new(None);
 static CPU_SLOTS: PerProcess<Semaphore> = Mutex::new(None);
+static READ_SLOTS: PerProcess<Semaphore> = Mutex::new(None);
 static BACKGROUND: PerProcess<Runtime> = Mutex::new(None);
 
 /// The value of `slot` for this process: made on first use and again after every fork.
@@ -134,6 +135,20 @@ pub async fn cpu<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> R
         .await
         .map_err(|e| Error::internal(format!("cpu slots closed: {e}")))?;
     background_blocking(f).await
+}
+
+/// One of the process's slots (one per core) for a job whose memory lives as long as it runs
+/// (a parsed footer until it is indexed), held until the permit drops: a burst of such jobs
+/// then holds a core's worth each at once, not the whole burst's. `background` work shares
+/// the slots of [`cpu`]; a request's has slots of its own, so it never waits behind a write.
+pub async fn slot(background: bool) -> Result<OwnedSemaphorePermit> {
+    let slots = per_process(if background { &CPU_SLOTS } else { &READ_SLOTS }, || {
+        Ok(Semaphore::new(cores()))
+    })?;
+    slots
+        .acquire_owned()
+        .await
+        .map_err(|e| Error::internal(format!("slots closed: {e}")))
 }
 
 /// [`cpu`] for work that is CPU-bound but written as a future (Parquet encoding inside

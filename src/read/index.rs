@@ -16,8 +16,8 @@ use parquet::basic::{Compression, EncodingMask};
 use parquet::bloom_filter::Sbbf;
 use parquet::file::FOOTER_SIZE;
 use parquet::file::metadata::{
-    ColumnChunkMetaData, FileMetaData, FooterTail, ParquetMetaData, ParquetMetaDataReader,
-    RowGroupMetaData, SortingColumn,
+    ColumnChunkMetaData, FileMetaData, FooterTail, ParquetMetaData, ParquetMetaDataOptions,
+    ParquetMetaDataReader, ParquetStatisticsPolicy, RowGroupMetaData, SortingColumn,
 };
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::SchemaDescriptor;
@@ -163,6 +163,27 @@ fn bloom_ranges(meta: &ParquetMetaData, column: usize) -> Vec<Option<Range<u64>>
         .collect()
 }
 
+/// A footer decoded with only what the index keeps: the key column's statistics (its row
+/// groups' key ranges), no other column's, no page-encoding or size statistics.
+fn decode_footer(footer: &[u8]) -> Result<ParquetMetaData> {
+    let schema = ParquetMetaDataReader::decode_schema(footer)?;
+    let keys: Vec<usize> = schema
+        .columns()
+        .iter()
+        .position(|c| c.path().string() == ENTITY_KEY)
+        .into_iter()
+        .collect();
+    let options = ParquetMetaDataOptions::new()
+        .with_schema(schema)
+        .with_column_stats_policy(ParquetStatisticsPolicy::skip_except(&keys))
+        .with_encoding_stats_policy(ParquetStatisticsPolicy::SkipAll)
+        .with_size_stats_policy(ParquetStatisticsPolicy::SkipAll);
+    Ok(ParquetMetaDataReader::decode_metadata_with_options(
+        footer,
+        Some(&options),
+    )?)
+}
+
 fn key_column(meta: &ParquetMetaData, path: &str) -> Result<usize> {
     meta.file_metadata()
         .schema_descr()
@@ -207,10 +228,15 @@ impl FileIndex {
             .ok_or_else(|| Error::corrupt(path, "footer longer than the file"))?;
         tail.extend_back(&reader, footer_start).await?;
         let from = usize::try_from(footer_start - tail.offset).unwrap_or(usize::MAX);
+        // A parsed footer is ~1 KiB per column chunk until it is indexed; the first request
+        // on a table indexes every file it touches at once, so at most a core's worth of
+        // footers are parsed and held at a time (else 93 files of a 10M table were ~200 MB
+        // at peak, never given back to the OS).
+        let _slot = crate::runtime::slot(background).await?;
         // Decoding a footer is CPU work (a file of 1,000 row groups takes milliseconds):
         // never on the async workers, and below reads when it prepares a new snapshot.
         let footer = tail.bytes.slice(from..tail.bytes.len() - FOOTER_SIZE);
-        let decode = move || ParquetMetaDataReader::decode_metadata(&footer);
+        let decode = move || decode_footer(&footer);
         let meta = if background {
             crate::runtime::background_blocking(decode).await??
         } else {
