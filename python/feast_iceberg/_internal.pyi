@@ -37,6 +37,7 @@ __all__ = [
     "ForkError",
     "InternalError",
     "Store",
+    "ViewsPlan",
     "serialize_entity_keys",
     "check_arrow",
     "write_arrow",
@@ -101,6 +102,18 @@ class InternalError(FeastIcebergError):
 
 def serialize_entity_keys(entity_keys: list[bytes], version: int) -> list[bytes]:
     """Feast's `serialize_entity_key` for serialized `EntityKey` protos, computed in Rust."""
+
+@final
+class ViewsPlan:
+    """What every `get_online_features` request of one shape reads, converted once."""
+
+    def __new__(
+        cls,
+        names: list[str],
+        views: list[tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]],
+    ) -> Self:
+        """`names`: the response's names (request columns, then features); `views` as for
+        `Store.read_views`."""
 
 @final
 class Store:
@@ -179,20 +192,21 @@ class Store:
 
     def online_features(
         self,
-        names: list[str],
+        plan: ViewsPlan,
         columns: list[tuple[int, list[Any]]],
-        views: list[tuple[str, list[tuple[str, int]], list[tuple[str, bool]], int | None]],
+        cuts: list[int | None] | None = None,
     ) -> tuple[bytes, list[int]]:
         """A whole `get_online_features` answer in one call: `read_views` with the response
         around it.
 
         `columns`: the request's join-key columns as (kind, values): kind 0, serialized
         `feast.types.Value`s; 2, 3, 4 (Feast's STRING, INT32, INT64), Python `str`s or
-        `int`s, encoded as Feast's `python_values_to_proto_values` encodes them. `views` as
-        for `read_views`, indexing `columns`. Returns (a serialized
-        `GetOnlineFeaturesResponse`: metadata listing `names`, one `results` entry per
-        column, every value PRESENT with an unset event timestamp, then the views' entries;
-        per view the number of PRESENT cells).
+        `int`s, encoded as Feast's `python_values_to_proto_values` encodes them; the plan's
+        views index them. `cuts`: the views' TTL cuts (micros or None) in the plan's order,
+        replacing the plan's. Returns (a serialized `GetOnlineFeaturesResponse`: metadata
+        listing the plan's names, one `results` entry per column, every value PRESENT with an
+        unset event timestamp, then the views' entries; per view the number of PRESENT
+        cells).
         """
 
     def stats(self, table: str) -> TableStats:

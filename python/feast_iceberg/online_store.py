@@ -260,8 +260,8 @@ class IcebergOnlineStore(ViewReadHooks):
         if columns is None:
             logger.debug("Feast prepares this request: an unset join-key value")
             return None
-        views = _cut_now(request.config, request.grouped_refs, plan.views)
-        data, present = self._store(request.config).online_features(plan.names, columns, views)
+        cuts = _cuts_now(request.config, request.grouped_refs)
+        data, present = self._store(request.config).online_features(plan.read, columns, cuts)
         response = GetOnlineFeaturesResponse.FromString(data)
         _finish(response, request, present, len(columns[0][1]))
         return OnlineResponse(response, feature_types=dict(plan.feature_types))
@@ -401,7 +401,7 @@ class _RequestPlan:
         if not request.result_names.issuperset(features):
             # Feast would drop some names from its response; its path decides which.
             raise _NotPlanned("a feature name Feast drops from its response")
-        self.names = columns + features
+        self.read = _internal.ViewsPlan(columns + features, self.views)
         self.feature_types = feature_types(request.grouped_refs)
 
 
@@ -478,16 +478,26 @@ def _keyed_rows_set(columns: list[list[bytes]], used: set[int]) -> bool:
     return bool(columns and columns[0]) and all(b"" not in columns[i] for i in used)
 
 
+def _cuts_now(
+    config: RepoConfig, grouped_refs: list[tuple[Any, list[str]]]
+) -> list[int | None] | None:
+    """The views' TTL cuts as of now; None when TTLs are not enforced (plans have no cut)."""
+    online = config.online_store
+    if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
+        return None
+    return [_not_before(config, table) for table, _ in grouped_refs]
+
+
 def _cut_now(
     config: RepoConfig, grouped_refs: list[tuple[Any, list[str]]], views: list[ViewPlan]
 ) -> list[ViewPlan]:
     """The views of a plan with their TTL cut as of now."""
-    online = config.online_store
-    if not (isinstance(online, IcebergOnlineStoreConfig) and online.enforce_ttl):
-        return views  # planned without a cut
+    cuts = _cuts_now(config, grouped_refs)
+    if cuts is None:
+        return views
     return [
-        (name, join_keys, features, _not_before(config, table))
-        for (table, _), (name, join_keys, features, _) in zip(grouped_refs, views, strict=True)
+        (name, join_keys, features, cut)
+        for (name, join_keys, features, _), cut in zip(views, cuts, strict=True)
     ]
 
 
