@@ -30,4 +30,8 @@ pub mod write;
 mod bindings;
 
 pub use error::{Error, Result};
+
+/// A map for per-row work on trusted keys (entity keys, file paths): SipHash, std's default,
+/// was the top Rust symbol of an incremental write.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub use store::Store;

@@ -5,7 +5,6 @@
 //! gathers the delete files of its bucket into a `BucketDeletes` and asks it whether a row is
 //! still live.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -13,6 +12,7 @@ use arrow_array::types::Int64Type;
 use arrow_array::{Array, BooleanArray, RecordBatch};
 use iceberg::io::FileIO;
 
+use crate::FastMap;
 use crate::error::{Error, Result};
 use crate::storage::IoCounter;
 use crate::table::LiveFile;
@@ -26,12 +26,12 @@ pub const DELETE_POS_ID: i32 = 2_147_483_545;
 /// The decoded content of one position-delete file: sorted positions per data file path.
 #[derive(Debug, Default)]
 pub struct PositionDeletes {
-    by_file: HashMap<String, Vec<u64>>,
+    by_file: FastMap<String, Vec<u64>>,
 }
 
 impl PositionDeletes {
     pub fn from_pairs(pairs: impl IntoIterator<Item = (String, u64)>) -> Self {
-        let mut by_file: HashMap<String, Vec<u64>> = HashMap::new();
+        let mut by_file: FastMap<String, Vec<u64>> = FastMap::default();
         for (path, pos) in pairs {
             by_file.entry(path).or_default().push(pos);
         }

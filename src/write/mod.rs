@@ -7,7 +7,7 @@ mod plan;
 mod rebucket;
 mod stage;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,7 @@ pub use plan::{MergeStats, merge_bucket, winners_by_bucket};
 pub use rebucket::{bucket_target, grown_buckets, largest_bucket_bytes, rebucket};
 pub use stage::{Token, discard, stage_batch};
 
+use crate::FastMap;
 use crate::commit::{self, BucketChange, Committed, Planner, bucket_base, delete_quietly};
 use crate::convert::{WriteInput, build_write_batch};
 use crate::error::{Error, Result};
@@ -366,7 +367,7 @@ async fn merge_on_read(
         .cache
         .find_in(&io.file_io, &requests, layout, &io.stats, Fill::Versions)
         .await?;
-    let mut stored: HashMap<&[u8], Vec<StoredRow>> = HashMap::new();
+    let mut stored: FastMap<&[u8], Vec<StoredRow>> = FastMap::default();
     for (f, hits) in files.iter().zip(found) {
         for (key, hit) in wanted.iter().zip(hits) {
             let Some(hit) = hit else { continue };

@@ -1,11 +1,12 @@
 //! Planning an upsert: in-batch dedup, grouping by bucket, and the copy-on-write merge of a
 //! bucket's live rows with the incoming ones. Pure functions over Arrow data: no I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_select::interleave::interleave;
 
+use crate::FastMap;
 use crate::error::Result;
 use crate::read::{Version, buckets, keys_of, row_version};
 use crate::schema::Layout;
@@ -17,7 +18,8 @@ pub fn winners_by_bucket(
     layout: &Layout,
 ) -> Result<BTreeMap<i32, Vec<usize>>> {
     let keys = keys_of(batch, layout)?;
-    let mut best: HashMap<&[u8], (Version, usize)> = HashMap::with_capacity(keys.len());
+    let mut best: FastMap<&[u8], (Version, usize)> =
+        FastMap::with_capacity_and_hasher(keys.len(), Default::default());
     for row in 0..keys.len() {
         let v = row_version(batch, row, layout);
         best.entry(keys.value(row))
@@ -65,7 +67,7 @@ pub fn merge_bucket(
     let in_keys = keys_of(incoming, layout)?;
     let ex_keys = existing.map(|b| keys_of(b, layout)).transpose()?;
 
-    let mut winners: HashMap<&[u8], (usize, usize, Version)> = HashMap::new();
+    let mut winners: FastMap<&[u8], (usize, usize, Version)> = FastMap::default();
     if let (Some(batch), Some(keys)) = (existing, ex_keys.as_ref()) {
         for row in 0..batch.num_rows() {
             let v = row_version(batch, row, layout);
