@@ -540,7 +540,6 @@ impl DataFiles {
                 source,
                 index: index.clone(),
                 first_row: index.row_groups[rg].first_row,
-                path: index.path.clone(),
                 key: key(index, rg, versions_only),
             }
         };
@@ -787,7 +786,6 @@ struct DecodeJob {
     source: Source,
     index: Arc<FileIndex>,
     first_row: u64,
-    path: Arc<str>,
     key: BlockKey,
 }
 
@@ -831,7 +829,7 @@ impl Decode {
             Source::Local(range) => {
                 let offset = range.start;
                 let io = self.fill.counter(&self.io);
-                let bytes = crate::storage::read_local_range(&job.path, range, io)?;
+                let bytes = crate::storage::read_local_range(&job.index.path, range, io)?;
                 Fetched { offset, bytes }
             }
         };
@@ -844,7 +842,7 @@ impl Decode {
             .index
             .footer(job.rg)
             .and_then(|footer| decode_row_group(source, &footer, layout, job.first_row, only))
-            .map_err(|e| e.context(format!("row group {} of {}", job.rg, job.path)))?;
+            .map_err(|e| e.context(format!("row group {} of {}", job.rg, job.index.path)))?;
         let block = self.cache.insert(job.key, Arc::new(block));
         Ok((job.file, job.rg, block))
     }
@@ -1327,6 +1325,10 @@ mod tests {
         let batch = RecordBatch::try_new(arrow.clone(), columns).unwrap();
         let (data, index) = parquet_file(&batch, crate::write::writer_properties());
         assert_eq!(index.row_groups.len(), 3);
+        // A few bytes per key: parquet's own footer structs (~580 bytes per column chunk) made
+        // it ~16 per key at 512-row row groups.
+        let per_key = index.bytes as f64 / rows as f64;
+        assert!(per_key < 8.0, "{per_key:.1} index bytes per key");
         let roots: Vec<usize> = (0..arrow.fields().len()).collect();
         let wanted: Vec<&Column> = layout.join_keys.iter().chain(&layout.features).collect();
         for (rg, entry) in index.row_groups.iter().enumerate() {
