@@ -22,7 +22,7 @@ use parquet::file::metadata::{
 use parquet::file::statistics::Statistics;
 use parquet::schema::types::SchemaDescriptor;
 
-use super::files::{CountingReader, Fetched};
+use super::files::{CountingReader, Fetched, flat_leaf};
 use crate::error::{Error, Result};
 use crate::schema::ENTITY_KEY;
 
@@ -167,12 +167,7 @@ fn bloom_ranges(meta: &ParquetMetaData, column: usize) -> Vec<Option<Range<u64>>
 /// groups' key ranges), no other column's, no page-encoding or size statistics.
 fn decode_footer(footer: &[u8]) -> Result<ParquetMetaData> {
     let schema = ParquetMetaDataReader::decode_schema(footer)?;
-    let keys: Vec<usize> = schema
-        .columns()
-        .iter()
-        .position(|c| c.path().string() == ENTITY_KEY)
-        .into_iter()
-        .collect();
+    let keys: Vec<usize> = flat_leaf(&schema, ENTITY_KEY).into_iter().collect();
     let options = ParquetMetaDataOptions::new()
         .with_schema(schema)
         .with_column_stats_policy(ParquetStatisticsPolicy::skip_except(&keys))
@@ -185,11 +180,7 @@ fn decode_footer(footer: &[u8]) -> Result<ParquetMetaData> {
 }
 
 fn key_column(meta: &ParquetMetaData, path: &str) -> Result<usize> {
-    meta.file_metadata()
-        .schema_descr()
-        .columns()
-        .iter()
-        .position(|c| c.path().string() == ENTITY_KEY)
+    flat_leaf(meta.file_metadata().schema_descr(), ENTITY_KEY)
         .ok_or_else(|| Error::corrupt(path, "data file has no entity_key column"))
 }
 
