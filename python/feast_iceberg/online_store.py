@@ -397,11 +397,11 @@ class _RequestPlan:
         plan = _plan_views(request, columns)
         if isinstance(plan, str):
             raise _NotPlanned(plan)
-        self.views, features, self.used = plan
+        views, features, self.used = plan
         if not request.result_names.issuperset(features):
             # Feast would drop some names from its response; its path decides which.
             raise _NotPlanned("a feature name Feast drops from its response")
-        self.read = _internal.ViewsPlan(columns + features, self.views)
+        self.read = _internal.ViewsPlan(columns + features, views)
         self.feature_types = feature_types(request.grouped_refs)
 
 
